@@ -1,0 +1,273 @@
+//! Build script.
+//!
+//! 1. Generates the Rust NF4 constants from `kernels/common/nf4.cuh`, the one
+//!    place they are written down.
+//! 2. Feature `sim`: compiles the kernel sources for the host, together with
+//!    the simulator runtime in `kernels/sim/`, into a static library.
+//! 3. Feature `cuda`: compiles every `kernels/*.cu` to PTX with nvcc for each
+//!    architecture in `TLI_CUDA_ARCHS` (default `80,90`) and embeds the PTX.
+
+use std::env;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn main() {
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let root = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let kernels_dir = root.join("kernels");
+
+    println!("cargo:rerun-if-changed=build.rs");
+    for f in walk(&kernels_dir) {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
+
+    generate_nf4_tables(&kernels_dir.join("common/nf4.cuh"), &out_dir.join("nf4_tables.rs"));
+
+    let kernel_sources = kernel_sources(&kernels_dir);
+
+    if env::var_os("CARGO_FEATURE_SIM").is_some() {
+        build_simulator(&kernels_dir);
+    }
+
+    let ptx_rs = out_dir.join("ptx.rs");
+    if env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        let archs = cuda_archs();
+        let nvcc = find_nvcc();
+        let mut modules = String::new();
+        for src in &kernel_sources {
+            let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
+            for arch in &archs {
+                let ptx = out_dir.join(format!("{stem}.sm_{arch}.ptx"));
+                compile_ptx(&nvcc, &kernels_dir, src, *arch, &ptx);
+                writeln!(
+                    modules,
+                    "    PtxModule {{ name: {stem:?}, arch: {arch}, ptx: include_str!({:?}) }},",
+                    ptx.display().to_string()
+                )
+                .unwrap();
+            }
+        }
+        let archs_list = archs.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+        let nvcc_version = nvcc_version(&nvcc);
+        fs::write(
+            &ptx_rs,
+            format!(
+                "/// Every kernel module, compiled once per architecture.\n\
+                 pub const PTX_MODULES: &[PtxModule] = &[\n{modules}];\n\
+                 /// The architectures compiled (`sm_XX`).\n\
+                 pub const CUDA_ARCHS: &[u32] = &[{archs_list}];\n\
+                 /// The nvcc that compiled them.\n\
+                 pub const NVCC_VERSION: &str = {nvcc_version:?};\n"
+            ),
+        )
+        .expect("write ptx.rs");
+    } else {
+        fs::write(
+            &ptx_rs,
+            "/// Empty: built without the `cuda` feature.\n\
+             pub const PTX_MODULES: &[PtxModule] = &[];\n\
+             /// Empty: built without the `cuda` feature.\n\
+             pub const CUDA_ARCHS: &[u32] = &[];\n\
+             /// Empty: built without the `cuda` feature.\n\
+             pub const NVCC_VERSION: &str = \"\";\n",
+        )
+        .expect("write ptx.rs");
+    }
+
+    let names: Vec<String> = kernel_sources
+        .iter()
+        .map(|s| format!("{:?}", s.file_stem().unwrap().to_string_lossy()))
+        .collect();
+    fs::write(
+        out_dir.join("kernel_list.rs"),
+        format!(
+            "/// The kernel source files (`kernels/NAME.cu`) in this build.\n\
+             pub const KERNEL_SOURCES: &[&str] = &[{}];\n",
+            names.join(", ")
+        ),
+    )
+    .expect("write kernel_list.rs");
+}
+
+/// All files below `dir`, sorted, so rerun-if-changed covers every header.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `kernels/*.cu`, one per op, sorted by name.
+fn kernel_sources(kernels_dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(kernels_dir)
+        .expect("read kernels/")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Parse one `#define NAME \` block of comma-separated float literals.
+fn parse_table(text: &str, name: &str, path: &Path) -> Vec<String> {
+    let start = text
+        .find(&format!("#define {name}"))
+        .unwrap_or_else(|| panic!("{}: no `#define {name}`", path.display()));
+    let mut values = Vec::new();
+    for line in text[start..].lines().skip(1) {
+        let cont = line.trim_end().ends_with('\\');
+        let body = line.trim().trim_end_matches('\\').trim().trim_end_matches(',');
+        if !body.is_empty() {
+            let lit = body.trim_end_matches('f');
+            lit.parse::<f32>()
+                .unwrap_or_else(|e| panic!("{}: {name}: bad literal {body:?}: {e}", path.display()));
+            values.push(lit.to_string());
+        }
+        if !cont {
+            break;
+        }
+    }
+    values
+}
+
+fn generate_nf4_tables(header: &Path, out: &Path) {
+    let text = fs::read_to_string(header).expect("read kernels/common/nf4.cuh");
+    let code = parse_table(&text, "TLI_NF4_CODE_TABLE", header);
+    let mids = parse_table(&text, "TLI_NF4_MIDPOINT_TABLE", header);
+    assert_eq!(code.len(), 16, "{}: NF4 code table must have 16 entries", header.display());
+    assert_eq!(mids.len(), 15, "{}: NF4 midpoint table must have 15 entries", header.display());
+    let fmt = |v: &[String]| v.iter().map(|s| format!("{s}_f32")).collect::<Vec<_>>().join(", ");
+    fs::write(
+        out,
+        format!(
+            "/// The 16 NF4 code values, indexed by the 4-bit code (generated from\n\
+             /// `kernels/common/nf4.cuh`).\n\
+             pub const NF4_CODE: [f32; 16] = [{}];\n\
+             /// bitsandbytes' 15 CUDA quantizer thresholds, ascending (generated from\n\
+             /// `kernels/common/nf4.cuh`).\n\
+             pub const NF4_MIDPOINTS: [f32; 15] = [{}];\n",
+            fmt(&code),
+            fmt(&mids)
+        ),
+    )
+    .expect("write nf4_tables.rs");
+}
+
+fn build_simulator(kernels_dir: &Path) {
+    let mut b = cc::Build::new();
+    b.cpp(true)
+        .std("c++17")
+        .include(kernels_dir)
+        // runtime.cpp plus one `kernels/sim/OP.cpp` per op, each including
+        // its `kernels/OP.cu` and exporting the C entry points Rust calls.
+        .files(sim_sources(kernels_dir))
+        // The device compiles `a*b + c` as written unless the kernel says
+        // fmaf; host contraction would make sim and device disagree.
+        .flag_if_supported("-ffp-contract=off")
+        .flag_if_supported("-pthread")
+        .warnings(true)
+        .opt_level(2);
+    b.compile("tli_sim");
+    println!("cargo:rustc-link-lib=pthread");
+}
+
+fn sim_sources(kernels_dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(kernels_dir.join("sim"))
+        .expect("read kernels/sim/")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cpp"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn cuda_archs() -> Vec<u32> {
+    println!("cargo:rerun-if-env-changed=TLI_CUDA_ARCHS");
+    let spec = env::var("TLI_CUDA_ARCHS").unwrap_or_else(|_| "80,90".to_string());
+    let archs: Vec<u32> = spec
+        .split(',')
+        .map(|s| s.trim().trim_start_matches("sm_"))
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse()
+                .unwrap_or_else(|_| panic!("TLI_CUDA_ARCHS={spec:?}: {s:?} is not an architecture number like 80 or 90"))
+        })
+        .collect();
+    assert!(!archs.is_empty(), "TLI_CUDA_ARCHS={spec:?} names no architecture");
+    archs
+}
+
+fn find_nvcc() -> PathBuf {
+    for var in ["CUDA_HOME", "CUDA_PATH", "PATH"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    let exe = if cfg!(windows) { "nvcc.exe" } else { "nvcc" };
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(home) = env::var_os(var) {
+            let p = PathBuf::from(home).join("bin").join(exe);
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    if let Some(path) = env::var_os("PATH") {
+        for dir in env::split_paths(&path) {
+            let p = dir.join(exe);
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    panic!(
+        "\n\nfeature `cuda` needs nvcc, and none was found in $CUDA_HOME/bin, $CUDA_PATH/bin or $PATH.\n\
+         Install the CUDA toolkit, or nvcc alone from PyPI:\n\
+         \x20   python3 -m pip install nvidia-cuda-nvcc==13.4.92 nvidia-cuda-crt==13.4.92 \\\n\
+         \x20       nvidia-cuda-runtime==13.4.92 nvidia-nvvm==13.4.92 nvidia-cuda-cccl\n\
+         and put its `nvidia/cu13/bin` directory (inside site-packages) on PATH.\n\
+         `.ci/run` shows the whole recipe.\n"
+    );
+}
+
+fn nvcc_version(nvcc: &Path) -> String {
+    Command::new(nvcc)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().find(|l| l.contains("release")).map(|l| l.trim().to_string()))
+        .unwrap_or_default()
+}
+
+fn compile_ptx(nvcc: &Path, kernels_dir: &Path, src: &Path, arch: u32, out: &Path) {
+    let status = Command::new(nvcc)
+        .arg("-ptx")
+        .arg(format!("-arch=sm_{arch}"))
+        .args(["-O3", "-std=c++17", "-lineinfo"])
+        .arg("-I")
+        .arg(kernels_dir)
+        .arg("-o")
+        .arg(out)
+        .arg(src)
+        .status()
+        .unwrap_or_else(|e| panic!("could not run {}: {e}", nvcc.display()));
+    assert!(
+        status.success(),
+        "nvcc failed to compile {} for sm_{arch} ({status})",
+        src.display()
+    );
+}

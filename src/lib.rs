@@ -1,0 +1,25 @@
+//! # tli-kernels
+//!
+//! Hand-written CUDA kernels for the hot operations of QLoRA-style
+//! fine-tuning and embedding evaluation, with safe Rust wrappers:
+//!
+//! * [`nf4`]: the bitsandbytes NF4 4-bit format — quantization, bit-exact
+//!   dequantization, and the safetensors form transformers writes.
+//! * [`ops`]: the operations, each runnable on three [`Device`]s: `cpu` (the
+//!   multi-threaded Rust reference), `sim` (the `.cu` kernel source compiled
+//!   for the host and run under `kernels/sim`) and `cuda` (PTX on a GPU).
+//!
+//! The `tli` binary drives them (see the README).
+
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod dtype;
+pub mod error;
+pub mod kernels;
+pub mod nf4;
+pub mod ops;
+
+pub use backend::Device;
+pub use dtype::{DType, Element};
+pub use error::{Error, Result};

@@ -1,0 +1,1 @@
+//! bitsandbytes safetensors checkpoints (being written).

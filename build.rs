@@ -15,7 +15,8 @@ use std::process::Command;
 
 fn main() {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let root = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let root =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let kernels_dir = root.join("kernels");
 
     println!("cargo:rerun-if-changed=build.rs");
@@ -23,7 +24,10 @@ fn main() {
         println!("cargo:rerun-if-changed={}", f.display());
     }
 
-    generate_nf4_tables(&kernels_dir.join("common/nf4.cuh"), &out_dir.join("nf4_tables.rs"));
+    generate_nf4_tables(
+        &kernels_dir.join("common/nf4.cuh"),
+        &out_dir.join("nf4_tables.rs"),
+    );
 
     let kernel_sources = kernel_sources(&kernels_dir);
 
@@ -49,7 +53,11 @@ fn main() {
                 .unwrap();
             }
         }
-        let archs_list = archs.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+        let archs_list = archs
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
         let nvcc_version = nvcc_version(&nvcc);
         fs::write(
             &ptx_rs,
@@ -96,7 +104,9 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&d) else { continue };
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
         for e in entries.flatten() {
             let p = e.path();
             if p.is_dir() {
@@ -130,11 +140,16 @@ fn parse_table(text: &str, name: &str, path: &Path) -> Vec<String> {
     let mut values = Vec::new();
     for line in text[start..].lines().skip(1) {
         let cont = line.trim_end().ends_with('\\');
-        let body = line.trim().trim_end_matches('\\').trim().trim_end_matches(',');
+        let body = line
+            .trim()
+            .trim_end_matches('\\')
+            .trim()
+            .trim_end_matches(',');
         if !body.is_empty() {
             let lit = body.trim_end_matches('f');
-            lit.parse::<f32>()
-                .unwrap_or_else(|e| panic!("{}: {name}: bad literal {body:?}: {e}", path.display()));
+            lit.parse::<f32>().unwrap_or_else(|e| {
+                panic!("{}: {name}: bad literal {body:?}: {e}", path.display())
+            });
             values.push(lit.to_string());
         }
         if !cont {
@@ -148,9 +163,24 @@ fn generate_nf4_tables(header: &Path, out: &Path) {
     let text = fs::read_to_string(header).expect("read kernels/common/nf4.cuh");
     let code = parse_table(&text, "TLI_NF4_CODE_TABLE", header);
     let mids = parse_table(&text, "TLI_NF4_MIDPOINT_TABLE", header);
-    assert_eq!(code.len(), 16, "{}: NF4 code table must have 16 entries", header.display());
-    assert_eq!(mids.len(), 15, "{}: NF4 midpoint table must have 15 entries", header.display());
-    let fmt = |v: &[String]| v.iter().map(|s| format!("{s}_f32")).collect::<Vec<_>>().join(", ");
+    assert_eq!(
+        code.len(),
+        16,
+        "{}: NF4 code table must have 16 entries",
+        header.display()
+    );
+    assert_eq!(
+        mids.len(),
+        15,
+        "{}: NF4 midpoint table must have 15 entries",
+        header.display()
+    );
+    let fmt = |v: &[String]| {
+        v.iter()
+            .map(|s| format!("{s}_f32"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     fs::write(
         out,
         format!(
@@ -175,9 +205,14 @@ fn build_simulator(kernels_dir: &Path) {
         // runtime.cpp plus one `kernels/sim/OP.cpp` per op, each including
         // its `kernels/OP.cu` and exporting the C entry points Rust calls.
         .files(sim_sources(kernels_dir))
-        // The device compiles `a*b + c` as written unless the kernel says
-        // fmaf; host contraction would make sim and device disagree.
+        // nvcc contracts `a*b + c` into an FMA by default, g++ on x86-64 does
+        // not; so a kernel whose result must match across backends spells
+        // every rounding step out (`__fmul_rn`, `__fadd_rn`, `fmaf`), and the
+        // host must not contract either, or sim and device would disagree.
         .flag_if_supported("-ffp-contract=off")
+        // Kernels carry `#pragma unroll` for nvcc; g++ warns on each one
+        // (and before g++ 13 a `#pragma GCC diagnostic` cannot silence it).
+        .flag_if_supported("-Wno-unknown-pragmas")
         .flag_if_supported("-pthread")
         .warnings(true)
         .opt_level(2);
@@ -204,11 +239,15 @@ fn cuda_archs() -> Vec<u32> {
         .map(|s| s.trim().trim_start_matches("sm_"))
         .filter(|s| !s.is_empty())
         .map(|s| {
-            s.parse()
-                .unwrap_or_else(|_| panic!("TLI_CUDA_ARCHS={spec:?}: {s:?} is not an architecture number like 80 or 90"))
+            s.parse().unwrap_or_else(|_| {
+                panic!("TLI_CUDA_ARCHS={spec:?}: {s:?} is not an architecture number like 80 or 90")
+            })
         })
         .collect();
-    assert!(!archs.is_empty(), "TLI_CUDA_ARCHS={spec:?} names no architecture");
+    assert!(
+        !archs.is_empty(),
+        "TLI_CUDA_ARCHS={spec:?} names no architecture"
+    );
     archs
 }
 
@@ -249,7 +288,11 @@ fn nvcc_version(nvcc: &Path) -> String {
         .output()
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.lines().find(|l| l.contains("release")).map(|l| l.trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.contains("release"))
+                .map(|l| l.trim().to_string())
+        })
         .unwrap_or_default()
 }
 

@@ -27,7 +27,9 @@ pub enum Error {
     },
 
     /// An NF4 block size outside the bitsandbytes set {32, 64, ..., 4096}.
-    #[error("{op}: block size {blocksize} is not supported (expected a power of two from 32 to 4096)")]
+    #[error(
+        "{op}: block size {blocksize} is not supported (expected a power of two from 32 to 4096)"
+    )]
     InvalidBlockSize {
         /// The operation that checked it.
         op: &'static str,
@@ -135,6 +137,14 @@ impl Error {
             what: what.into(),
             expected: expected.to_string(),
             got: got.to_string(),
+        }
+    }
+
+    /// Shorthand for [`Error::Io`].
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
         }
     }
 

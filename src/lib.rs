@@ -16,9 +16,11 @@
 pub mod backend;
 pub mod dtype;
 pub mod error;
+pub mod io;
 pub mod kernels;
 pub mod nf4;
 pub mod ops;
+pub mod roofline;
 
 pub use backend::Device;
 pub use dtype::{DType, Element};

@@ -53,7 +53,10 @@ impl Device {
                 if cfg!(feature = "sim") {
                     Ok(())
                 } else {
-                    Err(Error::invalid("device sim", "built without the `sim` feature"))
+                    Err(Error::invalid(
+                        "device sim",
+                        "built without the `sim` feature",
+                    ))
                 }
             }
             Device::Cuda => {
@@ -64,7 +67,8 @@ impl Device {
                 #[cfg(not(feature = "cuda"))]
                 {
                     Err(Error::NoCudaDevice {
-                        reason: "built without the `cuda` feature (rebuild with `--features cuda`)".into(),
+                        reason: "built without the `cuda` feature (rebuild with `--features cuda`)"
+                            .into(),
                     })
                 }
             }

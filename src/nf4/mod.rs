@@ -20,7 +20,13 @@ pub mod quantize;
 
 use crate::{DType, Error, Result};
 
-include!(concat!(env!("OUT_DIR"), "/nf4_tables.rs"));
+// The generated literals keep bitsandbytes' decimal digits, more than an f32
+// holds, on purpose: they are the text the kernels compile.
+#[allow(clippy::excessive_precision)]
+mod tables {
+    include!(concat!(env!("OUT_DIR"), "/nf4_tables.rs"));
+}
+pub use tables::{NF4_CODE, NF4_MIDPOINTS};
 
 /// Smallest supported block size.
 pub const MIN_BLOCKSIZE: usize = 32;
@@ -51,6 +57,25 @@ pub fn packed_len(n: usize) -> usize {
 /// Number of scale blocks for `n` elements.
 pub fn num_blocks(n: usize, blocksize: usize) -> usize {
     n.div_ceil(blocksize)
+}
+
+/// Bytes a dequantization of `numel` elements must move: packed codes and
+/// scales read, `out_bytes_per_element` written per element. With double
+/// quantization the scales are one byte each plus the nested absmax and the
+/// 1 KiB code map. This is the roofline numerator for the dequant benches.
+pub fn dequant_traffic_bytes(
+    numel: usize,
+    blocksize: usize,
+    double_quant: bool,
+    out_bytes_per_element: usize,
+) -> usize {
+    let nb = num_blocks(numel, blocksize);
+    let scales = if double_quant {
+        nb + 4 * nb.div_ceil(NESTED_BLOCKSIZE) + 4 * 256
+    } else {
+        4 * nb
+    };
+    packed_len(numel) + scales + out_bytes_per_element * numel
 }
 
 /// Double-quantized block scales (`compress_statistics=True`).
@@ -222,7 +247,12 @@ impl Nf4View<'_> {
                     ));
                 }
                 if code2.len() != 256 {
-                    return Err(Error::shape(op, "nested quant map", "256 values", code2.len()));
+                    return Err(Error::shape(
+                        op,
+                        "nested quant map",
+                        "256 values",
+                        code2.len(),
+                    ));
                 }
             }
         }

@@ -1,0 +1,863 @@
+//! The `cuda` backend: the PTX that `build.rs` embeds, run on a GPU through
+//! the CUDA driver API ([`cudarc`], with the driver library loaded at run
+//! time).
+//!
+//! [`Cuda`] is one device: its primary context, one stream, and the kernel
+//! modules, each loaded (JIT-compiled by the driver from the embedded PTX)
+//! the first time one of its kernels runs. [`Cuda::global`] is device 0,
+//! probed once per process.
+//!
+//! A machine without the driver library, or without a device, gets
+//! [`Error::NoCudaDevice`] saying which, never a panic: the driver library is
+//! looked for before any driver call is made, because cudarc panics when a
+//! call needs a library it cannot load.
+//!
+//! Every kernel entry point has exactly one typed launcher here. It checks
+//! every length, size and alignment the kernel relies on, then pushes the
+//! arguments in the order of the `extern "C"` signature. Launchers queue work
+//! on the stream and return; a fault inside a kernel surfaces as an
+//! [`Error::Driver`] from the next call that waits for the stream
+//! ([`Cuda::synchronize`], [`Cuda::to_host`]).
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DriverError, LaunchConfig,
+    PushKernelArg, sys,
+};
+use cudarc::nvrtc::Ptx;
+use half::{bf16, f16};
+
+pub use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+
+use crate::kernels::{self, PtxModule};
+use crate::nf4::{self, Nf4View, ScalesView};
+use crate::{DType, Element, Error, Result};
+
+/// Threads per block of every launch (the kernels' `__launch_bounds__`).
+const BLOCK_THREADS: u32 = 256;
+/// Elements one dequantization thread handles per grid-stride step (the
+/// kernel's `kChunk`: one 16-byte load of packed codes).
+const DEQUANT_CHUNK: usize = 32;
+/// The alignment the kernels' 16-byte vector loads and stores need.
+const VECTOR_ALIGN: u64 = 16;
+
+/// The supported element types, for error messages.
+const SUPPORTED_DTYPES: &str = "f32, bf16, f16";
+
+/// Whether the CUDA driver library can be loaded on this machine.
+///
+/// This is the first thing [`Cuda::new`] checks; it makes no driver call.
+pub fn driver_library_present() -> bool {
+    // SAFETY: `is_culib_present` only tries to open the driver library under
+    // its usual names and closes it again. Opening it runs the vendor
+    // library's initialisers, which ask nothing of the caller.
+    unsafe { sys::is_culib_present() }
+}
+
+/// One CUDA device: context, stream and lazily loaded kernel modules.
+///
+/// Shareable between threads; every method binds the context to the calling
+/// thread before it touches the driver.
+pub struct Cuda {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    ordinal: usize,
+    name: String,
+    /// Compute capability (major, minor).
+    cc: (u32, u32),
+    sm_count: u32,
+    max_threads_per_sm: u32,
+    /// `cuDriverGetVersion`: 1000 × major + 10 × minor.
+    driver_version: i32,
+    /// Loaded modules by kernel source name (`kernels/NAME.cu`).
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// Loaded entry points by (module, entry name).
+    functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
+}
+
+impl fmt::Debug for Cuda {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cuda")
+            .field("ordinal", &self.ordinal)
+            .field("name", &self.name)
+            .field("compute_capability", &self.cc)
+            .field("sm_count", &self.sm_count)
+            .field("driver_version", &self.driver_version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cuda {
+    /// Device 0, opened on first use and shared for the life of the process.
+    ///
+    /// The first call probes the driver; later calls return the same device,
+    /// or the same error again.
+    ///
+    /// # Errors
+    /// As [`Cuda::new`]: [`Error::NoCudaDevice`] when the driver library is
+    /// missing, reports no device, or the device is older than every embedded
+    /// PTX architecture; [`Error::Driver`] when a driver call fails.
+    pub fn global() -> Result<&'static Cuda> {
+        static GLOBAL: OnceLock<Result<Cuda>> = OnceLock::new();
+        match GLOBAL.get_or_init(|| Cuda::new(0)) {
+            Ok(cuda) => Ok(cuda),
+            Err(e) => Err(replay(e)),
+        }
+    }
+
+    /// Open device `ordinal`: retain its primary context and create a stream.
+    ///
+    /// # Errors
+    /// [`Error::NoCudaDevice`] when the driver library cannot be loaded, the
+    /// driver reports no device or fewer than `ordinal + 1`, the library lacks
+    /// a function cudarc needs, or the device's compute capability is below
+    /// every architecture this build embeds PTX for; [`Error::Driver`] naming
+    /// the call when a driver call fails.
+    pub fn new(ordinal: usize) -> Result<Cuda> {
+        if !driver_library_present() {
+            return Err(Error::NoCudaDevice {
+                reason: "the CUDA driver library (libcuda.so / nvcuda.dll) was not found by the dynamic \
+                         loader; install the NVIDIA driver, or add the directory that holds it to \
+                         LD_LIBRARY_PATH"
+                    .into(),
+            });
+        }
+        // cudarc resolves each driver function on first use and panics if the
+        // library lacks it (an old driver). Turn that into an error here, at
+        // the one place every session starts, instead of crashing the caller.
+        match catch_unwind(AssertUnwindSafe(|| Self::open(ordinal))) {
+            Ok(result) => result,
+            Err(payload) => Err(Error::NoCudaDevice {
+                reason: format!(
+                    "the CUDA driver library was found but cannot be used: {}",
+                    panic_message(payload.as_ref())
+                ),
+            }),
+        }
+    }
+
+    fn open(ordinal: usize) -> Result<Cuda> {
+        let count = match CudaContext::device_count() {
+            Ok(n) => usize::try_from(n).unwrap_or(0),
+            Err(e) if e.0 == sys::CUresult::CUDA_ERROR_NO_DEVICE => 0,
+            Err(e) => return Err(driver_error("cuInit / cuDeviceGetCount", e)),
+        };
+        if count == 0 {
+            return Err(Error::NoCudaDevice {
+                reason: "the CUDA driver is installed but reports 0 devices (check CUDA_VISIBLE_DEVICES and \
+                         that the GPU is visible to this process)"
+                    .into(),
+            });
+        }
+        if ordinal >= count {
+            return Err(Error::NoCudaDevice {
+                reason: format!(
+                    "device {ordinal} was requested but the driver reports {count} device(s)"
+                ),
+            });
+        }
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| driver_error(format!("cuDevicePrimaryCtxRetain (device {ordinal})"), e))?;
+        let name = ctx.name().map_err(|e| driver_error("cuDeviceGetName", e))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| driver_error("cuDeviceGetAttribute (compute capability)", e))?;
+        let cc = (non_negative(major), non_negative(minor));
+        let sm_count = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| driver_error("cuDeviceGetAttribute (multiprocessor count)", e))?;
+        let max_threads_per_sm = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR)
+            .map_err(|e| {
+                driver_error("cuDeviceGetAttribute (max threads per multiprocessor)", e)
+            })?;
+        let mut driver_version = 0;
+        // SAFETY: cuDriverGetVersion writes one int through the pointer, which
+        // points at a live local.
+        unsafe { sys::cuDriverGetVersion(&mut driver_version) }
+            .result()
+            .map_err(|e| driver_error("cuDriverGetVersion", e))?;
+
+        let arch = cc.0 * 10 + cc.1;
+        if !kernels::PTX_MODULES.iter().any(|m| m.arch <= arch) {
+            return Err(Error::NoCudaDevice {
+                reason: format!(
+                    "device {ordinal} ({name}) has compute capability {}.{}, below every architecture this \
+                     build embeds PTX for ({}); rebuild with TLI_CUDA_ARCHS={arch}",
+                    cc.0,
+                    cc.1,
+                    arch_list()
+                ),
+            });
+        }
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| driver_error("cuStreamCreate", e))?;
+        Ok(Cuda {
+            ctx,
+            stream,
+            ordinal,
+            name,
+            cc,
+            sm_count: non_negative(sm_count).max(1),
+            max_threads_per_sm: non_negative(max_threads_per_sm).max(BLOCK_THREADS),
+            driver_version,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// The device's name, e.g. `NVIDIA H100 80GB HBM3`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Compute capability `(major, minor)`.
+    pub fn compute_capability(&self) -> (u32, u32) {
+        self.cc
+    }
+
+    /// Number of streaming multiprocessors.
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+
+    /// The CUDA version the driver supports, `(major, minor)`.
+    pub fn driver_version(&self) -> (i32, i32) {
+        (self.driver_version / 1000, self.driver_version % 1000 / 10)
+    }
+
+    /// The cudarc context, for interoperating with other cudarc code.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The stream every launcher queues work on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Wait until all work queued on [`stream`](Self::stream) has finished.
+    ///
+    /// # Errors
+    /// [`Error::Driver`] when the driver reports an error, including one
+    /// raised by a kernel that ran since the last wait.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| driver_error("cuStreamSynchronize", e))
+    }
+
+    /// Copy `host` into a new device buffer (queued on the stream).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an empty slice; [`Error::Driver`] when
+    /// allocation or the copy fails.
+    pub fn to_device<U: DeviceRepr>(&self, host: &[U]) -> Result<CudaSlice<U>> {
+        if host.is_empty() {
+            return Err(Error::invalid("copy to device", "the host buffer is empty"));
+        }
+        self.stream.clone_htod(host).map_err(|e| {
+            driver_error(
+                format!("cuMemAlloc + cuMemcpyHtoD ({} bytes)", size_of_val(host)),
+                e,
+            )
+        })
+    }
+
+    /// A new device buffer of `len` zeros.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for `len == 0`; [`Error::Driver`] when the
+    /// allocation fails (e.g. out of memory).
+    pub fn alloc_zeros<U: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<U>> {
+        if len == 0 {
+            return Err(Error::invalid("device allocation", "0 elements requested"));
+        }
+        self.stream.alloc_zeros(len).map_err(|e| {
+            driver_error(
+                format!("cuMemAlloc ({len} elements of {} bytes)", size_of::<U>()),
+                e,
+            )
+        })
+    }
+
+    /// Copy a device buffer back to the host, waiting for the stream first.
+    ///
+    /// # Errors
+    /// [`Error::Driver`] when the copy fails or queued work failed.
+    pub fn to_host<U: DeviceRepr>(&self, dev: &CudaSlice<U>) -> Result<Vec<U>> {
+        let v = self
+            .stream
+            .clone_dtoh(dev)
+            .map_err(|e| driver_error(format!("cuMemcpyDtoH ({} bytes)", dev.num_bytes()), e))?;
+        self.synchronize()?;
+        Ok(v)
+    }
+
+    /// Upload an NF4 tensor (packed codes and scales) to the device.
+    ///
+    /// # Errors
+    /// What [`Nf4View::validate`] reports (checked before any copy);
+    /// [`Error::Driver`] when allocation or a copy fails.
+    pub fn upload_nf4(&self, src: &Nf4View<'_>) -> Result<Nf4Device> {
+        const OP: &str = "nf4 upload (cuda)";
+        src.validate(OP)?;
+        let packed = self.to_device(src.packed)?;
+        let scales = match src.scales {
+            ScalesView::Plain(absmax) => DeviceScales::Plain(self.to_device(absmax)?),
+            ScalesView::Double {
+                qabsmax,
+                absmax2,
+                code2,
+                offset,
+                nested_blocksize,
+            } => DeviceScales::Double {
+                qabsmax: self.to_device(qabsmax)?,
+                absmax2: self.to_device(absmax2)?,
+                code2: self.to_device(code2)?,
+                offset,
+                nested_blocksize,
+            },
+        };
+        Nf4Device::from_parts(packed, scales, src.blocksize, src.numel)
+    }
+
+    /// Dequantize `src` into `out` on the device: the launcher of the
+    /// `nf4_dequant_{f32,bf16,f16}` and `nf4_dequant_dq_{f32,bf16,f16}`
+    /// kernels (`kernels/nf4_dequant.cu`).
+    ///
+    /// Queues the kernel and returns; call [`synchronize`](Self::synchronize)
+    /// or [`to_host`](Self::to_host) to wait for it. The output is bit for bit
+    /// what [`crate::nf4::dequant::dequantize_into`] computes.
+    ///
+    /// # Errors
+    /// Before anything runs: [`Error::ShapeMismatch`] when `out` does not hold
+    /// exactly `src.numel()` elements; [`Error::Misaligned`] when the packed
+    /// codes or `out` are not 16-byte aligned; [`Error::InvalidArgument`]
+    /// when a buffer belongs to another device; [`Error::UnsupportedDtype`]
+    /// when `T`'s size disagrees with its dtype. [`Error::NoCudaDevice`] when
+    /// no embedded PTX suits the device, and [`Error::Driver`] when loading
+    /// the module or the launch fails.
+    pub fn nf4_dequant<T: Element + DeviceRepr>(
+        &self,
+        src: &Nf4Device,
+        out: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        const OP: &str = "nf4 dequantize (cuda)";
+        if size_of::<T>() != T::DTYPE.size() {
+            return Err(Error::UnsupportedDtype {
+                op: OP,
+                dtype: format!("{} of {} bytes", T::DTYPE, size_of::<T>()),
+                supported: SUPPORTED_DTYPES,
+            });
+        }
+        src.validate(OP)?;
+        if out.len() != src.numel {
+            return Err(Error::shape(OP, "output", src.numel, out.len()));
+        }
+        self.check_same_device(OP, "output", out)?;
+        self.check_same_device(OP, "packed codes", &src.packed)?;
+        match &src.scales {
+            DeviceScales::Plain(absmax) => self.check_same_device(OP, "absmax", absmax)?,
+            DeviceScales::Double {
+                qabsmax,
+                absmax2,
+                code2,
+                ..
+            } => {
+                self.check_same_device(OP, "quantized absmax", qabsmax)?;
+                self.check_same_device(OP, "nested absmax", absmax2)?;
+                self.check_same_device(OP, "nested quant map", code2)?;
+            }
+        }
+        self.check_aligned(OP, "packed codes", &src.packed)?;
+        self.check_aligned(OP, "output", out)?;
+
+        // Validated above: numel fits in i64, blocksize is a power of two in
+        // [32, 4096] and the nested block size a power of two, so the log2
+        // values are exact and small.
+        let n = i64::try_from(src.numel).map_err(|_| too_many(OP, src.numel))?;
+        let log2_bs = log2(src.blocksize);
+        let entry = match (&src.scales, T::DTYPE) {
+            (DeviceScales::Plain(_), DType::F32) => "nf4_dequant_f32",
+            (DeviceScales::Plain(_), DType::BF16) => "nf4_dequant_bf16",
+            (DeviceScales::Plain(_), DType::F16) => "nf4_dequant_f16",
+            (DeviceScales::Double { .. }, DType::F32) => "nf4_dequant_dq_f32",
+            (DeviceScales::Double { .. }, DType::BF16) => "nf4_dequant_dq_bf16",
+            (DeviceScales::Double { .. }, DType::F16) => "nf4_dequant_dq_f16",
+        };
+        let func = self.function("nf4_dequant", entry)?;
+        let cfg = self.grid_stride_config(src.numel.div_ceil(DEQUANT_CHUNK));
+
+        let log2_nested = match &src.scales {
+            DeviceScales::Plain(_) => 0,
+            DeviceScales::Double {
+                nested_blocksize, ..
+            } => log2(*nested_blocksize),
+        };
+        let mut launch = self.stream.launch_builder(&func);
+        match &src.scales {
+            // (const uint8_t* packed, const float* absmax, T* out, int64_t n,
+            //  int32_t log2_bs)
+            DeviceScales::Plain(absmax) => {
+                launch
+                    .arg(&src.packed)
+                    .arg(absmax)
+                    .arg(&mut *out)
+                    .arg(&n)
+                    .arg(&log2_bs);
+            }
+            // (const uint8_t* packed, const uint8_t* qabsmax,
+            //  const float* absmax2, const float* code2, float offset,
+            //  int32_t log2_nested, T* out, int64_t n, int32_t log2_bs)
+            DeviceScales::Double {
+                qabsmax,
+                absmax2,
+                code2,
+                offset,
+                ..
+            } => {
+                launch
+                    .arg(&src.packed)
+                    .arg(qabsmax)
+                    .arg(absmax2)
+                    .arg(code2)
+                    .arg(offset)
+                    .arg(&log2_nested)
+                    .arg(&mut *out)
+                    .arg(&n)
+                    .arg(&log2_bs);
+            }
+        }
+        // SAFETY: the arguments match the entry point's `extern "C"`
+        // signature in number, order and type (device pointers for the
+        // buffers, i64 for n, i32 for the log2 sizes, f32 for offset). Every
+        // buffer lives in this context and has the length the kernel indexes:
+        // packed has ceil(n/2) bytes, absmax / qabsmax one entry per
+        // blocksize elements, absmax2 one per nested block, code2 256, out n
+        // (all checked above by `validate` and the length check). The
+        // kernel's 16-byte accesses touch only whole 32-element chunks inside
+        // those lengths, and packed and out are 16-byte aligned (checked
+        // above). blockDim is the kernel's 256, and its grid-stride loop
+        // accepts any grid size. cudarc's stream events keep the slices
+        // alive until the kernel is done with them.
+        unsafe { launch.launch(cfg) }
+            .map_err(|e| driver_error(format!("cuLaunchKernel ({entry})"), e))?;
+        Ok(())
+    }
+
+    /// Host-to-host dequantization through the device: upload, run, download,
+    /// wait. `src` and `out` have been checked by the caller; they are
+    /// checked again here because this is the boundary to unsafe code.
+    pub(crate) fn nf4_dequant_host<T: Element>(
+        &self,
+        src: &Nf4View<'_>,
+        out: &mut [T],
+    ) -> Result<()> {
+        const OP: &str = "nf4 dequantize (cuda)";
+        src.validate(OP)?;
+        if out.len() != src.numel {
+            return Err(Error::shape(OP, "output", src.numel, out.len()));
+        }
+        match T::DTYPE {
+            DType::F32 => self.dequant_round_trip::<f32>(src, cast_out(OP, out)?),
+            DType::BF16 => self.dequant_round_trip::<bf16>(src, cast_out(OP, out)?),
+            DType::F16 => self.dequant_round_trip::<f16>(src, cast_out(OP, out)?),
+        }
+    }
+
+    fn dequant_round_trip<U: Element + DeviceRepr + ValidAsZeroBits>(
+        &self,
+        src: &Nf4View<'_>,
+        out: &mut [U],
+    ) -> Result<()> {
+        let dev = self.upload_nf4(src)?;
+        let mut dev_out = self.alloc_zeros::<U>(src.numel)?;
+        self.nf4_dequant(&dev, &mut dev_out)?;
+        self.stream.memcpy_dtoh(&dev_out, out).map_err(|e| {
+            driver_error(format!("cuMemcpyDtoH ({} bytes)", dev_out.num_bytes()), e)
+        })?;
+        self.synchronize()
+    }
+
+    /// A launch of 256-thread blocks for a grid-stride kernel with
+    /// `work_items` thread-sized items: enough blocks for every item, capped
+    /// at the blocks the device holds resident at once (the stride loop
+    /// covers the rest without the cost of retiring and relaunching blocks).
+    fn grid_stride_config(&self, work_items: usize) -> LaunchConfig {
+        let needed = work_items.div_ceil(BLOCK_THREADS as usize).max(1);
+        let blocks_per_sm = (self.max_threads_per_sm / BLOCK_THREADS).max(1);
+        let resident = u64::from(self.sm_count) * u64::from(blocks_per_sm);
+        let grid = u64::try_from(needed).unwrap_or(u64::MAX).min(resident);
+        LaunchConfig {
+            grid_dim: (u32::try_from(grid).unwrap_or(u32::MAX).max(1), 1, 1),
+            block_dim: (BLOCK_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn check_same_device<U>(&self, op: &'static str, what: &str, buf: &CudaSlice<U>) -> Result<()> {
+        if **buf.context() == *self.ctx {
+            Ok(())
+        } else {
+            Err(Error::invalid(
+                op,
+                format!(
+                    "{what} was allocated on device {} but this launch runs on device {} ({})",
+                    buf.context().ordinal(),
+                    self.ordinal,
+                    self.name
+                ),
+            ))
+        }
+    }
+
+    fn check_aligned<U>(&self, op: &'static str, what: &str, buf: &CudaSlice<U>) -> Result<()> {
+        let (ptr, _event) = buf.device_ptr(&self.stream);
+        if ptr % VECTOR_ALIGN == 0 {
+            Ok(())
+        } else {
+            Err(Error::Misaligned {
+                op,
+                what: what.to_string(),
+                addr: usize::try_from(ptr).unwrap_or(usize::MAX),
+                align: VECTOR_ALIGN as usize,
+            })
+        }
+    }
+
+    /// The entry point `entry` of kernel module `module`, loading the module
+    /// on first use.
+    fn function(&self, module: &'static str, entry: &'static str) -> Result<CudaFunction> {
+        if let Some(f) = lock(&self.functions).get(&(module, entry)) {
+            return Ok(f.clone());
+        }
+        let m = self.module(module)?;
+        let f = m
+            .load_function(entry)
+            .map_err(|e| driver_error(format!("cuModuleGetFunction ({module}::{entry})"), e))?;
+        lock(&self.functions).insert((module, entry), f.clone());
+        Ok(f)
+    }
+
+    fn module(&self, name: &'static str) -> Result<Arc<CudaModule>> {
+        // Held across the load so two threads never JIT the same module.
+        let mut modules = lock(&self.modules);
+        if let Some(m) = modules.get(name) {
+            return Ok(m.clone());
+        }
+        let (major, minor) = self.cc;
+        let ptx = kernels::ptx_for(name, major, minor).ok_or_else(|| Error::NoCudaDevice {
+            reason: format!(
+                "no embedded PTX of kernel {name:?} runs on device {} ({}, compute capability {major}.{minor}); \
+                 this build has it for {}",
+                self.ordinal,
+                self.name,
+                archs_of(name)
+            ),
+        })?;
+        if ptx.ptx.contains('\0') {
+            return Err(Error::Driver {
+                call: format!("cuModuleLoadData ({name}, sm_{})", ptx.arch),
+                message: "the embedded PTX contains a NUL byte".into(),
+            });
+        }
+        let m = self
+            .ctx
+            .load_module(Ptx::from_src(ptx.ptx))
+            .map_err(|e| self.module_load_error(ptx, e))?;
+        modules.insert(name, m.clone());
+        Ok(m)
+    }
+
+    fn module_load_error(&self, ptx: &PtxModule, e: DriverError) -> Error {
+        let call = format!("cuModuleLoadData ({}, sm_{})", ptx.name, ptx.arch);
+        let mut message = describe(e);
+        if e.0 == sys::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION {
+            let isa = ptx
+                .ptx
+                .lines()
+                .find_map(|l| l.trim().strip_prefix(".version "))
+                .unwrap_or("?");
+            let (major, minor) = self.driver_version();
+            message.push_str(&format!(
+                "; the PTX is ISA {isa} from {}, newer than this driver (CUDA {major}.{minor}) can compile: \
+                 update the NVIDIA driver, or build with the nvcc of a CUDA release the driver supports",
+                if kernels::NVCC_VERSION.is_empty() { "nvcc" } else { kernels::NVCC_VERSION }
+            ));
+        }
+        Error::Driver { call, message }
+    }
+}
+
+/// Block scales of an NF4 tensor on the device.
+#[derive(Debug)]
+pub enum DeviceScales {
+    /// One f32 absmax per block.
+    Plain(CudaSlice<f32>),
+    /// Double-quantized absmax (see [`crate::nf4::DoubleQuant`]).
+    Double {
+        /// 8-bit codes, one per block.
+        qabsmax: CudaSlice<u8>,
+        /// Nested f32 absmax, one per `nested_blocksize` blocks.
+        absmax2: CudaSlice<f32>,
+        /// The 256-entry code map.
+        code2: CudaSlice<f32>,
+        /// Added after the nested dequantization.
+        offset: f32,
+        /// Blocks per nested block (a power of two).
+        nested_blocksize: usize,
+    },
+}
+
+/// An NF4 tensor resident on a device, ready for [`Cuda::nf4_dequant`].
+///
+/// Made by [`Cuda::upload_nf4`], or from buffers already on the device by
+/// [`Nf4Device::from_parts`]; either way its sizes have been checked.
+#[derive(Debug)]
+pub struct Nf4Device {
+    packed: CudaSlice<u8>,
+    scales: DeviceScales,
+    blocksize: usize,
+    numel: usize,
+}
+
+impl Nf4Device {
+    /// Assemble a device tensor from device buffers in bitsandbytes layout.
+    ///
+    /// # Errors
+    /// [`Error::InvalidBlockSize`], [`Error::ShapeMismatch`] or
+    /// [`Error::InvalidArgument`] naming the buffer and both sizes, as
+    /// [`Nf4View::validate`] does for host tensors.
+    pub fn from_parts(
+        packed: CudaSlice<u8>,
+        scales: DeviceScales,
+        blocksize: usize,
+        numel: usize,
+    ) -> Result<Self> {
+        let t = Nf4Device {
+            packed,
+            scales,
+            blocksize,
+            numel,
+        };
+        t.validate("nf4 device tensor")?;
+        Ok(t)
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.numel
+    }
+
+    /// Elements per scale block.
+    pub fn blocksize(&self) -> usize {
+        self.blocksize
+    }
+
+    /// Whether the scales are double-quantized.
+    pub fn is_double_quant(&self) -> bool {
+        matches!(self.scales, DeviceScales::Double { .. })
+    }
+
+    /// The packed 4-bit codes, `ceil(numel / 2)` bytes.
+    pub fn packed(&self) -> &CudaSlice<u8> {
+        &self.packed
+    }
+
+    /// The block scales.
+    pub fn scales(&self) -> &DeviceScales {
+        &self.scales
+    }
+
+    /// Every size against the others (the same rules as
+    /// [`Nf4View::validate`]), plus what the kernel's integer types need.
+    fn validate(&self, op: &'static str) -> Result<()> {
+        nf4::check_blocksize(op, self.blocksize)?;
+        if self.numel == 0 {
+            return Err(Error::invalid(op, "tensor has 0 elements"));
+        }
+        if i64::try_from(self.numel).is_err() {
+            return Err(too_many(op, self.numel));
+        }
+        let packed = nf4::packed_len(self.numel);
+        if self.packed.len() != packed {
+            return Err(Error::shape(
+                op,
+                format!("packed codes for {} elements", self.numel),
+                format!("{packed} bytes"),
+                format!("{} bytes", self.packed.len()),
+            ));
+        }
+        let nb = nf4::num_blocks(self.numel, self.blocksize);
+        match &self.scales {
+            DeviceScales::Plain(absmax) => {
+                if absmax.len() != nb {
+                    return Err(Error::shape(
+                        op,
+                        format!("absmax (blocksize {})", self.blocksize),
+                        format!("{nb} values"),
+                        format!("{} values", absmax.len()),
+                    ));
+                }
+            }
+            DeviceScales::Double {
+                qabsmax,
+                absmax2,
+                code2,
+                nested_blocksize,
+                ..
+            } => {
+                if !nested_blocksize.is_power_of_two() {
+                    return Err(Error::invalid(
+                        op,
+                        format!("nested block size {nested_blocksize} is not a power of two"),
+                    ));
+                }
+                if qabsmax.len() != nb {
+                    return Err(Error::shape(
+                        op,
+                        format!("quantized absmax (blocksize {})", self.blocksize),
+                        format!("{nb} codes"),
+                        format!("{} codes", qabsmax.len()),
+                    ));
+                }
+                let nb2 = nb.div_ceil(*nested_blocksize);
+                if absmax2.len() != nb2 {
+                    return Err(Error::shape(
+                        op,
+                        format!("nested absmax (nested blocksize {nested_blocksize})"),
+                        format!("{nb2} values"),
+                        format!("{} values", absmax2.len()),
+                    ));
+                }
+                if code2.len() != 256 {
+                    return Err(Error::shape(
+                        op,
+                        "nested quant map",
+                        "256 values",
+                        code2.len(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `log2` of a power of two as the kernels' `int32_t` (at most 63, so the
+/// conversion is exact).
+fn log2(pow2: usize) -> i32 {
+    pow2.trailing_zeros() as i32
+}
+
+fn too_many(op: &'static str, numel: usize) -> Error {
+    Error::invalid(
+        op,
+        format!("{numel} elements exceed the kernel's int64 count"),
+    )
+}
+
+fn non_negative(v: i32) -> u32 {
+    u32::try_from(v).unwrap_or(0)
+}
+
+/// Reinterpret the caller's output as the concrete element type of its
+/// dtype (the same type, so this only fails for a foreign `Element` impl
+/// whose size disagrees with its dtype).
+fn cast_out<'a, T: Element, U: Element>(op: &'static str, out: &'a mut [T]) -> Result<&'a mut [U]> {
+    bytemuck::try_cast_slice_mut(out).map_err(|e| Error::UnsupportedDtype {
+        op,
+        dtype: format!("{} of {} bytes ({e})", T::DTYPE, size_of::<T>()),
+        supported: SUPPORTED_DTYPES,
+    })
+}
+
+fn lock<K, V>(m: &Mutex<HashMap<K, V>>) -> MutexGuard<'_, HashMap<K, V>> {
+    // The maps only ever gain complete entries, so one left behind by a
+    // panicking thread is still consistent.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// `CUDA_ERROR_X (the driver's sentence)`.
+fn describe(e: DriverError) -> String {
+    let name = e
+        .error_name()
+        .ok()
+        .and_then(|s| s.to_str().ok().map(str::to_owned))
+        .unwrap_or_else(|| format!("{:?}", e.0));
+    match e.error_string().ok().and_then(|s| s.to_str().ok()) {
+        Some(text) => format!("{name} ({text})"),
+        None => name,
+    }
+}
+
+fn driver_error(call: impl Into<String>, e: DriverError) -> Error {
+    Error::Driver {
+        call: call.into(),
+        message: describe(e),
+    }
+}
+
+/// The stored probe error, once more (`Error` is not `Clone`: it can hold an
+/// `io::Error`, which the probe never produces).
+fn replay(e: &Error) -> Error {
+    match e {
+        Error::NoCudaDevice { reason } => Error::NoCudaDevice {
+            reason: reason.clone(),
+        },
+        Error::Driver { call, message } => Error::Driver {
+            call: call.clone(),
+            message: message.clone(),
+        },
+        other => Error::NoCudaDevice {
+            reason: other.to_string(),
+        },
+    }
+}
+
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_string()
+    }
+}
+
+fn arch_list() -> String {
+    let v: Vec<String> = kernels::CUDA_ARCHS
+        .iter()
+        .map(|a| format!("sm_{a}"))
+        .collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+fn archs_of(name: &str) -> String {
+    let v: Vec<String> = kernels::PTX_MODULES
+        .iter()
+        .filter(|m| m.name == name)
+        .map(|m| format!("sm_{}", m.arch))
+        .collect();
+    if v.is_empty() {
+        "no architecture".into()
+    } else {
+        v.join(", ")
+    }
+}

@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod demo;
 pub mod dtype;
 pub mod error;
 pub mod io;
@@ -25,3 +26,8 @@ pub mod roofline;
 pub use backend::Device;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
+
+/// The README's Rust examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

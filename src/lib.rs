@@ -19,6 +19,7 @@ pub mod dtype;
 pub mod error;
 pub mod io;
 pub mod kernels;
+pub mod lora;
 pub mod nf4;
 pub mod ops;
 pub mod roofline;

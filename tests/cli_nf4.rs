@@ -530,3 +530,44 @@ fn info_prints_version_features_kernels_and_cuda_status() {
         ),
     }
 }
+
+/// `tli nf4 dequantize` on tensors bitsandbytes quantized itself
+/// (`tests/data/bnb/`, see its README) writes exactly the bits bitsandbytes'
+/// own `dequantize_4bit` produced, in the quant state's dtype and shape, for
+/// every case: plain and double-quantized scales, blocks crossing rows, an
+/// odd element count, f32/bf16/f16.
+#[test]
+fn dequantize_reproduces_bitsandbytes_bit_for_bit() {
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/bnb/nf4_cpu.safetensors"
+    );
+    let cases = ["plain64", "tail64", "bf16_128", "dq64", "f16_dq256"];
+    let want_file = MappedFile::open(fixture).unwrap();
+    let want = want_file.safetensors().unwrap();
+    for device in ["cpu", "sim"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("deq.safetensors");
+        let o = tli(&["nf4", "dequantize", fixture, p(&out), "--device", device]);
+        assert_ok(&o, "nf4 dequantize of the bitsandbytes fixture");
+        let got_file = MappedFile::open(&out).unwrap();
+        let got = got_file.safetensors().unwrap();
+        for case in cases {
+            let g = got.tensor(&format!("{case}.weight")).unwrap();
+            let w = want.tensor(&format!("{case}.dequantized")).unwrap();
+            assert_eq!(g.dtype(), w.dtype(), "{case} on {device}: dtype");
+            assert_eq!(g.shape(), w.shape(), "{case} on {device}: shape");
+            let (gd, wd) = (g.data(), w.data());
+            assert_eq!(gd.len(), wd.len(), "{case} on {device}: bytes");
+            let elem = w.dtype().bitsize() / 8;
+            let first_diff = gd
+                .chunks(elem)
+                .zip(wd.chunks(elem))
+                .position(|(a, b)| a != b);
+            assert_eq!(
+                first_diff, None,
+                "{case} on {device}: first differing element"
+            );
+        }
+    }
+}

@@ -10,7 +10,8 @@ generator that tests/nf4_format.rs reimplements, and every value is an exact
 f32 (24-bit integer times a power of two), so both sides see the same bits.
 The file stores, per case, what bitsandbytes' QuantState.as_dict(packed=True)
 gives (the keys transformers writes for a 4-bit Linear), the first 16 inputs
-as a check on the generator, and the two dynamic 8-bit maps torch builds.
+as a check on the generator, bitsandbytes' dequantization of each case
+(`C.dequantized`), and the two dynamic 8-bit maps torch builds.
 """
 
 import os
@@ -23,6 +24,7 @@ import sys
 import torch
 import bitsandbytes
 import bitsandbytes.functional as F
+import bitsandbytes.backends.default.ops as default_ops
 from safetensors.torch import save_file
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -91,6 +93,21 @@ def case_tensors(name, A, blocksize, compress):
     for k, v in state.as_dict(packed=True).items():
         tensors[f"{name}.weight.{k}"] = v.contiguous()
     tensors[f"{name}.input_head"] = A.reshape(-1)[:16].float().contiguous()
+    # bitsandbytes' own dequantization of what it just quantized, in the
+    # quant state's dtype and shape: what `tli nf4 dequantize` must reproduce.
+    # It comes from bitsandbytes' generic torch path (`default` backend),
+    # which follows the format (blocks run over the flattened tensor) as its
+    # CUDA kernel does. The AVX512 CPU kernel that F.dequantize_4bit picks on
+    # this machine does not when a block crosses a row: it is stored too, as
+    # `C.dequantized_cpu_kernel`, to document the difference (see README.md).
+    absmax = state.absmax
+    if state.nested:
+        absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    code = F.get_4bit_type("nf4", device="cpu")
+    tensors[f"{name}.dequantized"] = default_ops._dequantize_4bit_compute(
+        packed.reshape(-1), absmax, code, blocksize, state.shape, state.dtype
+    ).contiguous()
+    tensors[f"{name}.dequantized_cpu_kernel"] = F.dequantize_4bit(packed, state).contiguous()
     return tensors
 
 
@@ -130,6 +147,10 @@ def main():
     # Double quantization: 260 blocks of 64, so two nested blocks (256 + 4).
     d = lcg_values(130 * 128, 4, 128)
     tensors.update(case_tensors("dq64", d.reshape(130, 128), 64, True))
+
+    # f16 input with double quantization, blocksize 256, [9, 200].
+    e = lcg_values(9 * 200, 5, 200).to(torch.float16)
+    tensors.update(case_tensors("f16_dq256", e.reshape(9, 200), 256, True))
 
     tensors["dynamic_map.default"] = dynamic_map_under("default")
     tensors["dynamic_map.avx2"] = dynamic_map_under("avx2")

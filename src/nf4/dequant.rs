@@ -1,12 +1,30 @@
 //! The CPU dequantizer: multi-threaded, table-driven, bit-exact.
 //!
 //! Per scale block it builds a 16-entry table of already converted outputs,
-//! `T(NF4[q] * scale)`, then expands each packed byte into two table reads.
-//! That is the same value the per-element formula gives (the table entry *is*
-//! that formula for each of the 16 codes), at the cost of 16 multiplies and
-//! conversions per block instead of one per element, and an inner loop with no
-//! arithmetic at all, which the compiler unrolls and vectorises into gathers
-//! and shuffles.
+//! `T(NF4[q] * scale)`: the same value the per-element formula gives (the
+//! table entry *is* that formula for each of the 16 codes), at the cost of 16
+//! multiplies and conversions per block instead of one per element. What is
+//! left per element is a table lookup, done in one of two ways:
+//!
+//! * **SSSE3** (x86-64 when the CPU has it, detected at run time): the table
+//!   is split into byte planes (plane `b` holds byte `b` of each of the 16
+//!   entries, 16 bytes, one XMM register), and `pshufb` looks up 16 nibbles
+//!   in one instruction per plane. Per 16 packed bytes = 32 outputs:
+//!
+//!   ```text
+//!   packed   [b0 b1 .. b15]                       one 16-byte load
+//!   nibbles  hi = b >> 4, lo = b & 15             and, shift
+//!   indices  [hi0 lo0 hi1 lo1 .. hi7 lo7]         unpack lo  (outputs 0..16)
+//!            [hi8 lo8 .. hi15 lo15]               unpack hi  (outputs 16..32)
+//!   lookup   plane_b[index]  for each byte b      pshufb per plane
+//!   interleave planes back into 2- or 4-byte values, 16-byte stores
+//!   ```
+//!
+//! * **scalar** elsewhere and for the last partial chunk: two table reads
+//!   per packed byte.
+//!
+//! Both paths give the same bits (a NaN scale gives NaN outputs whose sign
+//! and payload are unspecified, as on the GPU).
 //!
 //! Threads take runs of whole blocks (at least 64 KiB of output each) so
 //! every thread writes a contiguous region and no two share a cache line.
@@ -20,9 +38,10 @@ use crate::{Element, Error, Result};
 /// far below the work while leaving enough tasks to balance).
 const TASK_BYTES: usize = 64 * 1024;
 
+/// Scalar expansion of `packed` through `lut` into `out` (`out.len()` is
+/// `2·packed.len()` or one less, when the last low nibble is padding).
 #[inline]
-fn expand_block<T: Element>(packed: &[u8], scale: f32, out: &mut [T]) {
-    let lut: [T; 16] = std::array::from_fn(|q| T::from_f32(NF4_CODE[q] * scale));
+fn expand_scalar<T: Element>(packed: &[u8], lut: &[T; 16], out: &mut [T]) {
     let (pairs, tail) = out.as_chunks_mut::<2>();
     for (pair, &byte) in pairs.iter_mut().zip(packed) {
         pair[0] = lut[usize::from(byte >> 4)];
@@ -34,12 +53,183 @@ fn expand_block<T: Element>(packed: &[u8], scale: f32, out: &mut [T]) {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod ssse3 {
+    use std::arch::x86_64::{
+        __m128i, _mm_add_epi32, _mm_and_si128, _mm_castps_si128, _mm_cmpgt_epi32, _mm_loadu_ps,
+        _mm_loadu_si128, _mm_mul_ps, _mm_or_si128, _mm_set1_epi8, _mm_set1_epi32, _mm_set1_ps,
+        _mm_setr_epi8, _mm_shuffle_epi8, _mm_srli_epi16, _mm_srli_epi32, _mm_storeu_si128,
+        _mm_unpackhi_epi8, _mm_unpackhi_epi16, _mm_unpackhi_epi32, _mm_unpackhi_epi64,
+        _mm_unpacklo_epi8, _mm_unpacklo_epi16, _mm_unpacklo_epi32, _mm_unpacklo_epi64,
+    };
+
+    use super::NF4_CODE;
+    use crate::{DType, Element};
+
+    /// Whether this CPU can run [`expand`].
+    pub(super) fn available() -> bool {
+        std::arch::is_x86_feature_detected!("ssse3")
+    }
+
+    /// Byte planes of the block's table, `plane[b]` byte `q` = byte `b` of
+    /// `T(NF4[q] · scale)`, built without leaving the vector registers for
+    /// f32 and bf16 (the table is rebuilt every block, 64 elements at the
+    /// default block size, so its cost is not negligible).
+    #[target_feature(enable = "ssse3")]
+    fn planes<T: Element>(scale: f32) -> [__m128i; 4] {
+        // Four entries per register: lanes[i] lane j is entry 4i + j as the
+        // raw bits of the output (f32 bits, or bf16 bits in the low half).
+        let lanes: [__m128i; 4] = match T::DTYPE {
+            DType::F32 | DType::BF16 => std::array::from_fn(|i| {
+                // SAFETY: NF4_CODE has 16 entries, so 4i..4i+4 is in bounds.
+                let code = unsafe { _mm_loadu_ps(NF4_CODE[4 * i..].as_ptr()) };
+                // IEEE multiply, round to nearest even: the scalar formula.
+                let x = _mm_castps_si128(_mm_mul_ps(code, _mm_set1_ps(scale)));
+                if T::DTYPE == DType::F32 {
+                    x
+                } else {
+                    // bf16, round to nearest even: (x + 0x7fff + lsb) >> 16;
+                    // NaN: the top half with the quiet bit set (as `half`).
+                    let lsb = _mm_and_si128(_mm_srli_epi32::<16>(x), _mm_set1_epi32(1));
+                    let rounded = _mm_srli_epi32::<16>(_mm_add_epi32(
+                        _mm_add_epi32(x, _mm_set1_epi32(0x7fff)),
+                        lsb,
+                    ));
+                    let quiet = _mm_or_si128(_mm_srli_epi32::<16>(x), _mm_set1_epi32(0x40));
+                    let abs = _mm_and_si128(x, _mm_set1_epi32(0x7fff_ffff));
+                    let nan = _mm_cmpgt_epi32(abs, _mm_set1_epi32(0x7f80_0000));
+                    _mm_or_si128(
+                        _mm_and_si128(nan, quiet),
+                        std::arch::x86_64::_mm_andnot_si128(nan, rounded),
+                    )
+                }
+            }),
+            DType::F16 => {
+                // No f16 conversion without F16C; 16 scalar conversions.
+                let lut: [u32; 16] =
+                    std::array::from_fn(|q| T::from_f32(NF4_CODE[q] * scale).to_bits_u32());
+                // SAFETY: `lut` has 16 u32 = 64 bytes; each load reads 16.
+                std::array::from_fn(|i| unsafe { _mm_loadu_si128(lut[4 * i..].as_ptr().cast()) })
+            }
+        };
+        // Within each register gather byte b of its four lanes into dword b,
+        // then transpose the 4×4 dwords so dword i of plane b comes from
+        // register i: plane b = byte b of entries 0..16 in order.
+        let gather = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        let t = lanes.map(|l| _mm_shuffle_epi8(l, gather));
+        let a = _mm_unpacklo_epi32(t[0], t[1]);
+        let b = _mm_unpacklo_epi32(t[2], t[3]);
+        let c = _mm_unpackhi_epi32(t[0], t[1]);
+        let d = _mm_unpackhi_epi32(t[2], t[3]);
+        [
+            _mm_unpacklo_epi64(a, b),
+            _mm_unpackhi_epi64(a, b),
+            _mm_unpacklo_epi64(c, d),
+            _mm_unpackhi_epi64(c, d),
+        ]
+    }
+
+    /// The 16 nibble indices of outputs `0..16` and `16..32` of one chunk of
+    /// 16 packed bytes, high nibble first.
+    #[target_feature(enable = "ssse3")]
+    fn indices(chunk: &[u8; 16]) -> [__m128i; 2] {
+        // SAFETY: `chunk` is 16 readable bytes; loadu has no alignment need.
+        let v = unsafe { _mm_loadu_si128(chunk.as_ptr().cast()) };
+        let m = _mm_set1_epi8(0x0f);
+        let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), m);
+        let lo = _mm_and_si128(v, m);
+        [_mm_unpacklo_epi8(hi, lo), _mm_unpackhi_epi8(hi, lo)]
+    }
+
+    /// Store 16 bytes at `out[at..at + 16]`.
+    #[inline(always)]
+    fn store(out: &mut [u8], at: usize, v: __m128i) {
+        let dst = &mut out[at..at + 16];
+        // SAFETY: `dst` is 16 writable bytes; storeu has no alignment need.
+        unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), v) }
+    }
+
+    /// Expand every whole 16-byte chunk of `packed` (one scale block) into
+    /// 32 outputs each. Returns how many packed bytes it consumed.
+    #[target_feature(enable = "ssse3")]
+    pub(super) fn expand<T: Element>(packed: &[u8], scale: f32, out: &mut [T]) -> usize {
+        let chunks = (out.len() / 32).min(packed.len() / 16);
+        if chunks == 0 {
+            return 0;
+        }
+        let width = std::mem::size_of::<T>();
+        let p = planes::<T>(scale);
+        let out: &mut [u8] = bytemuck::cast_slice_mut(&mut out[..chunks * 32]);
+        let (packed, _) = packed[..chunks * 16].as_chunks::<16>();
+        for (c, chunk) in packed.iter().enumerate() {
+            let base = c * 32 * width;
+            for (half, idx) in indices(chunk).into_iter().enumerate() {
+                let at = base + half * 16 * width;
+                let b0 = _mm_shuffle_epi8(p[0], idx);
+                let b1 = _mm_shuffle_epi8(p[1], idx);
+                let lo16 = _mm_unpacklo_epi8(b0, b1);
+                let hi16 = _mm_unpackhi_epi8(b0, b1);
+                if width == 2 {
+                    store(out, at, lo16);
+                    store(out, at + 16, hi16);
+                } else {
+                    let b2 = _mm_shuffle_epi8(p[2], idx);
+                    let b3 = _mm_shuffle_epi8(p[3], idx);
+                    let lo32 = _mm_unpacklo_epi8(b2, b3);
+                    let hi32 = _mm_unpackhi_epi8(b2, b3);
+                    store(out, at, _mm_unpacklo_epi16(lo16, lo32));
+                    store(out, at + 16, _mm_unpackhi_epi16(lo16, lo32));
+                    store(out, at + 32, _mm_unpacklo_epi16(hi16, hi32));
+                    store(out, at + 48, _mm_unpackhi_epi16(hi16, hi32));
+                }
+            }
+        }
+        chunks * 16
+    }
+}
+
+/// How a block's table lookups are done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Ssse3,
+}
+
+impl Path {
+    fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if ssse3::available() {
+            return Path::Ssse3;
+        }
+        Path::Scalar
+    }
+}
+
+#[inline]
+fn expand_block<T: Element>(path: Path, packed: &[u8], scale: f32, out: &mut [T]) {
+    let done = match path {
+        Path::Scalar => 0,
+        // SAFETY: `Path::Ssse3` is only chosen after run-time detection.
+        #[cfg(target_arch = "x86_64")]
+        Path::Ssse3 => unsafe { ssse3::expand(packed, scale, out) },
+    };
+    if 2 * done < out.len() {
+        let lut: [T; 16] = std::array::from_fn(|q| T::from_f32(NF4_CODE[q] * scale));
+        expand_scalar(&packed[done..], &lut, &mut out[2 * done..]);
+    }
+}
+
 /// Dequantize `src` into `out` (`src.numel` elements) on the CPU.
 ///
 /// # Errors
 /// Whatever [`Nf4View::validate`] reports, and [`Error::ShapeMismatch`] if
 /// `out` has the wrong length.
 pub fn dequantize_into<T: Element>(src: &Nf4View<'_>, out: &mut [T]) -> Result<()> {
+    dequantize_with(Path::best(), src, out)
+}
+
+fn dequantize_with<T: Element>(path: Path, src: &Nf4View<'_>, out: &mut [T]) -> Result<()> {
     const OP: &str = "nf4 dequantize (cpu)";
     src.validate(OP)?;
     if out.len() != src.numel {
@@ -53,7 +243,7 @@ pub fn dequantize_into<T: Element>(src: &Nf4View<'_>, out: &mut [T]) -> Result<(
         .for_each(|(task, (out, packed))| {
             let first_block = task * blocks_per_task;
             for (i, (out, packed)) in out.chunks_mut(bs).zip(packed.chunks(bs / 2)).enumerate() {
-                expand_block(packed, src.scale(first_block + i), out);
+                expand_block(path, packed, src.scale(first_block + i), out);
             }
         });
     Ok(())
@@ -67,4 +257,95 @@ pub fn dequantize<T: Element>(src: &Nf4View<'_>) -> Result<Vec<T>> {
     let mut out = vec![T::zeroed(); src.numel];
     dequantize_into(src, &mut out)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use half::{bf16, f16};
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::nf4::ScalesView;
+
+    /// Every lookup path gives the same bits as the scalar one (which
+    /// `tests/nf4_dequant.rs` holds to an f64 reference through the public
+    /// API, on whichever path this CPU picks).
+    fn paths_agree<T: Element>() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        for bs in [32usize, 64, 128, 4096] {
+            for n in [1, 31, 32, 33, bs - 1, bs + 17, 3 * bs + 5, 70_001] {
+                let packed: Vec<u8> = (0..n.div_ceil(2)).map(|_| rng.random()).collect();
+                // Ordinary scales, and the ones where conversions get
+                // interesting: NaN (quieting), ±inf (0·inf = NaN), values
+                // that round to inf in bf16/f16, subnormal products.
+                let special = [
+                    f32::NAN,
+                    f32::from_bits(0x7fa0_0001), // signalling NaN with payload
+                    f32::INFINITY,
+                    f32::NEG_INFINITY,
+                    f32::MAX,
+                    -3.3e38,
+                    65504.0,
+                    1e-40,
+                    -2e-45,
+                    0.0,
+                    -0.0,
+                ];
+                let absmax: Vec<f32> = (0..n.div_ceil(bs))
+                    .map(|_| {
+                        if rng.random_bool(0.3) {
+                            special[rng.random_range(0..special.len())]
+                        } else {
+                            rng.random_range(-3.0f32..3.0)
+                        }
+                    })
+                    .collect();
+                let v = Nf4View {
+                    packed: &packed,
+                    scales: ScalesView::Plain(&absmax),
+                    blocksize: bs,
+                    numel: n,
+                };
+                let mut want = vec![T::from_f32(f32::NAN); n];
+                dequantize_with(Path::Scalar, &v, &mut want).unwrap();
+                let mut got = vec![T::from_f32(f32::NAN); n];
+                dequantize_with(Path::best(), &v, &mut got).unwrap();
+                let first = want
+                    .iter()
+                    .zip(&got)
+                    // NaN stays NaN; its sign and payload are not part of
+                    // the contract (the compiler may turn `-1.0 * s` into
+                    // `-s`, the GPU returns a canonical NaN).
+                    .position(|(a, b)| {
+                        let both_nan = a.to_f32().is_nan() && b.to_f32().is_nan();
+                        !both_nan && a.to_bits_u32() != b.to_bits_u32()
+                    });
+                assert_eq!(
+                    first,
+                    None,
+                    "{:?} bs={bs} n={n} path {:?}: want {:#x} got {:#x} scale {:?}",
+                    T::DTYPE,
+                    Path::best(),
+                    first.map_or(0, |i| want[i].to_bits_u32()),
+                    first.map_or(0, |i| got[i].to_bits_u32()),
+                    first.map(|i| absmax[i / bs]),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn lookup_paths_agree_f32() {
+        paths_agree::<f32>();
+    }
+
+    #[test]
+    fn lookup_paths_agree_bf16() {
+        paths_agree::<bf16>();
+    }
+
+    #[test]
+    fn lookup_paths_agree_f16() {
+        paths_agree::<f16>();
+    }
 }

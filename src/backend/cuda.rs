@@ -684,73 +684,31 @@ impl Nf4Device {
     /// Every size against the others (the same rules as
     /// [`Nf4View::validate`]), plus what the kernel's integer types need.
     fn validate(&self, op: &'static str) -> Result<()> {
-        nf4::check_blocksize(op, self.blocksize)?;
-        if self.numel == 0 {
-            return Err(Error::invalid(op, "tensor has 0 elements"));
-        }
+        let lengths = nf4::Nf4Lengths {
+            numel: self.numel,
+            blocksize: self.blocksize,
+            packed: self.packed.len(),
+            scales: match &self.scales {
+                DeviceScales::Plain(absmax) => nf4::ScaleLengths::Plain {
+                    absmax: absmax.len(),
+                },
+                DeviceScales::Double {
+                    qabsmax,
+                    absmax2,
+                    code2,
+                    nested_blocksize,
+                    ..
+                } => nf4::ScaleLengths::Double {
+                    qabsmax: qabsmax.len(),
+                    absmax2: absmax2.len(),
+                    code2: code2.len(),
+                    nested_blocksize: *nested_blocksize,
+                },
+            },
+        };
+        lengths.validate(op)?;
         if i64::try_from(self.numel).is_err() {
             return Err(too_many(op, self.numel));
-        }
-        let packed = nf4::packed_len(self.numel);
-        if self.packed.len() != packed {
-            return Err(Error::shape(
-                op,
-                format!("packed codes for {} elements", self.numel),
-                format!("{packed} bytes"),
-                format!("{} bytes", self.packed.len()),
-            ));
-        }
-        let nb = nf4::num_blocks(self.numel, self.blocksize);
-        match &self.scales {
-            DeviceScales::Plain(absmax) => {
-                if absmax.len() != nb {
-                    return Err(Error::shape(
-                        op,
-                        format!("absmax (blocksize {})", self.blocksize),
-                        format!("{nb} values"),
-                        format!("{} values", absmax.len()),
-                    ));
-                }
-            }
-            DeviceScales::Double {
-                qabsmax,
-                absmax2,
-                code2,
-                nested_blocksize,
-                ..
-            } => {
-                if !nested_blocksize.is_power_of_two() {
-                    return Err(Error::invalid(
-                        op,
-                        format!("nested block size {nested_blocksize} is not a power of two"),
-                    ));
-                }
-                if qabsmax.len() != nb {
-                    return Err(Error::shape(
-                        op,
-                        format!("quantized absmax (blocksize {})", self.blocksize),
-                        format!("{nb} codes"),
-                        format!("{} codes", qabsmax.len()),
-                    ));
-                }
-                let nb2 = nb.div_ceil(*nested_blocksize);
-                if absmax2.len() != nb2 {
-                    return Err(Error::shape(
-                        op,
-                        format!("nested absmax (nested blocksize {nested_blocksize})"),
-                        format!("{nb2} values"),
-                        format!("{} values", absmax2.len()),
-                    ));
-                }
-                if code2.len() != 256 {
-                    return Err(Error::shape(
-                        op,
-                        "nested quant map",
-                        "256 values",
-                        code2.len(),
-                    ));
-                }
-            }
         }
         Ok(())
     }

@@ -167,6 +167,115 @@ pub enum ScalesView<'a> {
     },
 }
 
+/// The lengths of an NF4 tensor's parts: what validation needs, whether the
+/// data is on the host ([`Nf4View`]) or on a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Nf4Lengths {
+    /// Number of elements.
+    pub numel: usize,
+    /// Elements per block.
+    pub blocksize: usize,
+    /// Bytes of packed codes.
+    pub packed: usize,
+    /// Lengths of the scales.
+    pub scales: ScaleLengths,
+}
+
+/// Lengths of the block scales; see [`ScalesView`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleLengths {
+    /// One f32 absmax per block.
+    Plain {
+        /// Values of absmax.
+        absmax: usize,
+    },
+    /// Double-quantized absmax.
+    Double {
+        /// Codes of the quantized absmax.
+        qabsmax: usize,
+        /// Values of the nested absmax.
+        absmax2: usize,
+        /// Entries of the nested code map.
+        code2: usize,
+        /// Nested block size.
+        nested_blocksize: usize,
+    },
+}
+
+impl Nf4Lengths {
+    /// Number of scale blocks.
+    pub fn num_blocks(&self) -> usize {
+        num_blocks(self.numel, self.blocksize)
+    }
+
+    /// Check every length against the others.
+    ///
+    /// # Errors
+    /// [`Error::InvalidBlockSize`], [`Error::ShapeMismatch`] or
+    /// [`Error::InvalidArgument`] naming the field and both values.
+    pub fn validate(&self, op: &'static str) -> Result<()> {
+        check_blocksize(op, self.blocksize)?;
+        if self.numel == 0 {
+            return Err(Error::invalid(op, "tensor has 0 elements"));
+        }
+        if self.packed != packed_len(self.numel) {
+            return Err(Error::shape(
+                op,
+                format!("packed codes for {} elements", self.numel),
+                format!("{} bytes", packed_len(self.numel)),
+                format!("{} bytes", self.packed),
+            ));
+        }
+        let nb = self.num_blocks();
+        match self.scales {
+            ScaleLengths::Plain { absmax } => {
+                if absmax != nb {
+                    return Err(Error::shape(
+                        op,
+                        format!("absmax (blocksize {})", self.blocksize),
+                        format!("{nb} values"),
+                        format!("{absmax} values"),
+                    ));
+                }
+            }
+            ScaleLengths::Double {
+                qabsmax,
+                absmax2,
+                code2,
+                nested_blocksize,
+            } => {
+                if !nested_blocksize.is_power_of_two() {
+                    return Err(Error::invalid(
+                        op,
+                        format!("nested block size {nested_blocksize} is not a power of two"),
+                    ));
+                }
+                if qabsmax != nb {
+                    return Err(Error::shape(
+                        op,
+                        format!("quantized absmax (blocksize {})", self.blocksize),
+                        format!("{nb} codes"),
+                        format!("{qabsmax} codes"),
+                    ));
+                }
+                let nb2 = nb.div_ceil(nested_blocksize);
+                if absmax2 != nb2 {
+                    return Err(Error::shape(
+                        op,
+                        format!("nested absmax (nested blocksize {nested_blocksize})"),
+                        format!("{nb2} values"),
+                        format!("{absmax2} values"),
+                    ));
+                }
+                if code2 != 256 {
+                    return Err(Error::shape(op, "nested quant map", "256 values", code2));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A borrowed NF4 tensor: what the dequantization op reads.
 #[derive(Debug, Clone, Copy)]
 pub struct Nf4View<'a> {
@@ -189,74 +298,33 @@ impl Nf4View<'_> {
     /// Check every length and size against the others.
     ///
     /// # Errors
-    /// [`Error::InvalidBlockSize`], [`Error::ShapeMismatch`] or
-    /// [`Error::InvalidArgument`] naming the field and both values.
+    /// As [`Nf4Lengths::validate`].
     pub fn validate(&self, op: &'static str) -> Result<()> {
-        check_blocksize(op, self.blocksize)?;
-        if self.numel == 0 {
-            return Err(Error::invalid(op, "tensor has 0 elements"));
+        self.lengths().validate(op)
+    }
+
+    /// The lengths of its parts.
+    pub fn lengths(&self) -> Nf4Lengths {
+        Nf4Lengths {
+            numel: self.numel,
+            blocksize: self.blocksize,
+            packed: self.packed.len(),
+            scales: match self.scales {
+                ScalesView::Plain(a) => ScaleLengths::Plain { absmax: a.len() },
+                ScalesView::Double {
+                    qabsmax,
+                    absmax2,
+                    code2,
+                    nested_blocksize,
+                    ..
+                } => ScaleLengths::Double {
+                    qabsmax: qabsmax.len(),
+                    absmax2: absmax2.len(),
+                    code2: code2.len(),
+                    nested_blocksize,
+                },
+            },
         }
-        if self.packed.len() != packed_len(self.numel) {
-            return Err(Error::shape(
-                op,
-                format!("packed codes for {} elements", self.numel),
-                format!("{} bytes", packed_len(self.numel)),
-                format!("{} bytes", self.packed.len()),
-            ));
-        }
-        let nb = self.num_blocks();
-        match self.scales {
-            ScalesView::Plain(a) => {
-                if a.len() != nb {
-                    return Err(Error::shape(
-                        op,
-                        format!("absmax (blocksize {})", self.blocksize),
-                        format!("{nb} values"),
-                        format!("{} values", a.len()),
-                    ));
-                }
-            }
-            ScalesView::Double {
-                qabsmax,
-                absmax2,
-                code2,
-                nested_blocksize,
-                ..
-            } => {
-                if !nested_blocksize.is_power_of_two() {
-                    return Err(Error::invalid(
-                        op,
-                        format!("nested block size {nested_blocksize} is not a power of two"),
-                    ));
-                }
-                if qabsmax.len() != nb {
-                    return Err(Error::shape(
-                        op,
-                        format!("quantized absmax (blocksize {})", self.blocksize),
-                        format!("{nb} codes"),
-                        format!("{} codes", qabsmax.len()),
-                    ));
-                }
-                let nb2 = nb.div_ceil(nested_blocksize);
-                if absmax2.len() != nb2 {
-                    return Err(Error::shape(
-                        op,
-                        format!("nested absmax (nested blocksize {nested_blocksize})"),
-                        format!("{nb2} values"),
-                        format!("{} values", absmax2.len()),
-                    ));
-                }
-                if code2.len() != 256 {
-                    return Err(Error::shape(
-                        op,
-                        "nested quant map",
-                        "256 values",
-                        code2.len(),
-                    ));
-                }
-            }
-        }
-        Ok(())
     }
 
     /// The f32 scale of block `b`, computed as bitsandbytes does (double

@@ -105,6 +105,27 @@ pub enum Error {
         reason: String,
     },
 
+    /// A line of a word-pair list (`swahili<TAB>english`, see
+    /// [`crate::pairs`]) is malformed or repeats an earlier entry.
+    #[error("{source_name}:{line}: {reason}")]
+    Pairs {
+        /// The file (or label) the list came from.
+        source_name: String,
+        /// The 1-based line number of the offending line.
+        line: usize,
+        /// What is wrong, naming the values and quoting the line.
+        reason: String,
+    },
+
+    /// The training and control word lists share entries.
+    #[error("the training and control word lists share {count} Swahili word(s): {shared}")]
+    PairsOverlap {
+        /// How many control entries repeat a training entry.
+        count: usize,
+        /// The shared entries with their line numbers in both lists.
+        shared: String,
+    },
+
     /// An I/O error on a named file.
     #[error("{}: {source}", path.display())]
     Io {

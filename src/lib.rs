@@ -8,6 +8,8 @@
 //! * [`ops`]: the operations, each runnable on three [`Device`]s: `cpu` (the
 //!   multi-threaded Rust reference), `sim` (the `.cu` kernel source compiled
 //!   for the host and run under `kernels/sim`) and `cuda` (PTX on a GPU).
+//! * [`pairs`]: the Swahili–English word lists TLI trains and evaluates on,
+//!   their `swahili<TAB>english` format and parser, and the shipped lists.
 //!
 //! The `tli` binary drives them (see the README).
 
@@ -22,6 +24,7 @@ pub mod kernels;
 pub mod lora;
 pub mod nf4;
 pub mod ops;
+pub mod pairs;
 pub mod roofline;
 
 pub use backend::Device;

@@ -1053,3 +1053,61 @@ fn kernel_errors_name_the_kernel_and_do_not_leak_between_launches() {
     }
     assert_eq!(counts.get("tli_selftest_broken"), Some(&3));
 }
+
+/// The tensor-core fragment contract: `tli_selftest_mma` builds each lane's
+/// fragments element by element from the PTX ISA formulas, so if the
+/// simulator's gather/scatter disagreed with the documented layout (a
+/// transposed operand, swapped registers or halves) D would come out
+/// permuted. Small integers keep every product and sum exact in f32, so the
+/// check is equality, in any summation order; the matrices are not
+/// symmetric and every element differs from its transposed position.
+#[test]
+fn mma_m16n8k16_follows_the_ptx_fragment_layout() {
+    let mut r = rng(77);
+    for f16_type in [false, true] {
+        let bits = |v: f32| -> u16 {
+            if f16_type {
+                f16::from_f32(v).to_bits()
+            } else {
+                bf16::from_f32(v).to_bits()
+            }
+        };
+        let av: Vec<f32> = (0..256).map(|_| r.random_range(-8i32..=8) as f32).collect();
+        let bv: Vec<f32> = (0..128).map(|_| r.random_range(-8i32..=8) as f32).collect();
+        let c: [f32; 128] = std::array::from_fn(|i| (i as f32) - 64.0);
+        let a: [u16; 256] = std::array::from_fn(|i| bits(av[i]));
+        let b: [u16; 128] = std::array::from_fn(|i| bits(bv[i]));
+        let mut want = [0.0f32; 128];
+        for i in 0..16 {
+            for j in 0..8 {
+                let s: f64 = (0..16)
+                    .map(|k| f64::from(av[i * 16 + k]) * f64::from(bv[k * 8 + j]))
+                    .sum();
+                want[i * 8 + j] = (s + f64::from(c[i * 8 + j])) as f32;
+            }
+        }
+        // Two warps, each computing the whole product.
+        let mut d = vec![f32::NAN; 256];
+        selftest::mma(&TliSimLaunch::linear(1, 64), f16_type, &a, &b, &c, &mut d).unwrap();
+        for w in 0..2 {
+            assert_eq!(
+                &d[w * 128..w * 128 + 128],
+                &want[..],
+                "f16 = {f16_type}, warp {w}"
+            );
+        }
+    }
+    // A partial warp cannot execute mma.sync.
+    let mut d = vec![0.0f32; 128];
+    let e = selftest::mma(
+        &TliSimLaunch::linear(1, 20).with_timeout_ms(2000),
+        false,
+        &[0; 256],
+        &[0; 128],
+        &[0.0; 128],
+        &mut d,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("mma.sync") && e.contains("0x000fffff"), "{e}");
+}

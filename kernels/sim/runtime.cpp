@@ -125,6 +125,7 @@ const char* op_name(WarpOp op) {
         case WarpOp::ReduceAnd: return "__reduce_and_sync";
         case WarpOp::ReduceOr: return "__reduce_or_sync";
         case WarpOp::ReduceXor: return "__reduce_xor_sync";
+        case WarpOp::Mma: return "mma.sync.m16n8k16";
     }
     return "warp collective";
 }
@@ -159,6 +160,8 @@ struct Collective {
     unsigned unread = 0;
     uint64_t vals[32] = {};
     unsigned args[32] = {};
+    // Mma only: whether all 32 lanes took part (set when it completes).
+    bool mma_ok = false;
 };
 
 struct Warp {
@@ -377,11 +380,18 @@ class Launch {
     void set_running() { me().state.store(kRunning, std::memory_order_release); }
     void bump() { progress_.fetch_add(1, std::memory_order_acq_rel); }
     static void complete(Warp& w, Collective& c) {
+        if (c.op == WarpOp::Mma) {
+            // All 32 lanes, all with the same operand type.
+            c.mma_ok = c.arrived == 0xffffffffu;
+            for (unsigned l = 1; c.mma_ok && l < 32; ++l) c.mma_ok = c.args[l] == c.args[0];
+            if (c.mma_ok) run_mma(c);
+        }
         c.gathering = false;
         c.unread = c.arrived;
         w.cv.notify_all();
     }
     static uint64_t result(const Collective& c, unsigned lane);
+    static void run_mma(Collective& c);
 
     std::string name_;
     dim3 grid_;
@@ -452,6 +462,48 @@ int Launch::block_barrier(int kind, int predicate, Site site) {
     lk.unlock();
     set_running();
     return r;
+}
+
+// The m16n8k16 matrix product of one warp (sim.h, section 8, documents the
+// fragment layout and the accumulation order). Called with the warp's lock
+// held, once all 32 lanes have deposited their MmaLane; every lane is still
+// blocked in the collective, so the registers the pointers name are live.
+void Launch::run_mma(Collective& c) {
+    const MmaLane* lanes[32];
+    for (unsigned l = 0; l < 32; ++l) lanes[l] = reinterpret_cast<const MmaLane*>(static_cast<uintptr_t>(c.vals[l]));
+    const bool f16 = static_cast<MmaType>(c.args[0]) == MmaType::F16;
+    auto half_to_f32 = [f16](uint32_t bits) {
+        return f16 ? f16_bits_to_f32(static_cast<uint16_t>(bits)) : bf16_bits_to_f32(static_cast<uint16_t>(bits));
+    };
+    float A[16][16], B[16][8], C[16][8];
+    for (unsigned l = 0; l < 32; ++l) {
+        const unsigned g = l >> 2, t = l & 3u;
+        const MmaLane& f = *lanes[l];
+        for (unsigned r = 0; r < 4; ++r) {
+            const unsigned row = g + 8u * (r & 1u), col = 2u * t + 8u * (r >> 1);
+            A[row][col] = half_to_f32(f.a[r] & 0xffffu);
+            A[row][col + 1] = half_to_f32(f.a[r] >> 16);
+        }
+        for (unsigned r = 0; r < 2; ++r) {
+            const unsigned k = 2u * t + 8u * r;
+            B[k][g] = half_to_f32(f.b[r] & 0xffffu);
+            B[k + 1][g] = half_to_f32(f.b[r] >> 16);
+        }
+        for (unsigned i = 0; i < 4; ++i) C[g + 8u * (i >> 1)][2u * t + (i & 1u)] = f.c[i];
+    }
+    float D[16][8];
+    for (unsigned i = 0; i < 16; ++i) {
+        for (unsigned j = 0; j < 8; ++j) {
+            float acc = C[i][j];
+            // Exact products (see sim.h); one f32 rounding per addition.
+            for (unsigned k = 0; k < 16; ++k) acc = acc + A[i][k] * B[k][j];
+            D[i][j] = acc;
+        }
+    }
+    for (unsigned l = 0; l < 32; ++l) {
+        const unsigned g = l >> 2, t = l & 3u;
+        for (unsigned i = 0; i < 4; ++i) lanes[l]->d[i] = D[g + 8u * (i >> 1)][2u * t + (i & 1u)];
+    }
 }
 
 uint64_t Launch::result(const Collective& c, unsigned lane) {
@@ -591,6 +643,12 @@ uint64_t Launch::warp_collective(WarpOp op, unsigned mask, uint64_t value, unsig
                                where().c_str(), op_name(op), site_str(site).c_str(), mask, ms,
                                mask & ~w.exited & ~c->arrived, thread_summary().c_str());
              });
+    }
+    if (op == WarpOp::Mma && !c->mma_ok) {
+        throw KernelError(format("%s: %s (%s): lanes 0x%08x of the warp executed it; mma.sync needs all 32 lanes "
+                                 "with the same operand type (a partial warp, lanes that returned or diverged, or "
+                                 "mixed bf16/f16)",
+                                 where().c_str(), op_name(op), site_str(site).c_str(), c->arrived));
     }
     const uint64_t r = result(*c, lane);
     c->unread &= ~bit;

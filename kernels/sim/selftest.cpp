@@ -27,3 +27,5 @@ TLI_SIM_EXPORT(tli_selftest_math,
                (const float* a, const float* b, const float* c, const uint32_t* w, int n, float* f, uint32_t* u),
                (a, b, c, w, n, f, u))
 TLI_SIM_EXPORT(tli_selftest_broken, (int misbehaviour, unsigned who, uint32_t* out), (misbehaviour, who, out))
+TLI_SIM_EXPORT(tli_selftest_mma, (int f16, const uint16_t* a, const uint16_t* b, const float* c, float* d),
+               (f16, a, b, c, d))

@@ -13,6 +13,7 @@
 #pragma once
 
 #include "../common/device.cuh"
+#include "../common/mma.cuh"
 
 namespace tli_selftest {
 
@@ -318,4 +319,37 @@ extern "C" __global__ void tli_selftest_broken(int misbehaviour, unsigned who, u
         default: break;
     }
     out[g] = static_cast<uint32_t>(g);
+}
+
+// The tensor-core fragment contract. Every warp of the launch builds the
+// fragments of one m16n8k16 product by indexing the matrices element by
+// element with the PTX ISA's formulas ("Matrix Fragments for mma.m16n8k16
+// with floating point type": row/col of a_i, b_i, c_i from groupID and
+// threadID_in_group), independently of the register-pair loads the kernels
+// use, runs it, and scatters D the same way:
+//   a: 16x16 row-major 16-bit patterns, b: 16x8 (k, n) row-major, c: 16x8 f32
+//   d[warp * 128 + row * 8 + col] = (C + A·B)[row][col];  f16 != 0: f16, else bf16
+// A launch with a partial warp must fail (mma.sync needs all 32 lanes).
+extern "C" __global__ void tli_selftest_mma(int f16, const uint16_t* a, const uint16_t* b, const float* c, float* d) {
+    using namespace tli_selftest;
+    const unsigned tid = linear_tid(), lane = tid % 32, warp = tid / 32;
+    const unsigned group = lane >> 2, tig = lane % 4;
+    uint32_t ar[4] = {0, 0, 0, 0}, br[2] = {0, 0};
+    float cr[4], dr[4];
+    for (unsigned i = 0; i < 8; ++i) {
+        const unsigned row = (i < 2 || (i >= 4 && i < 6)) ? group : group + 8;
+        const unsigned col = tig * 2 + (i & 1) + (i >= 4 ? 8 : 0);
+        ar[i / 2] |= static_cast<uint32_t>(a[row * 16 + col]) << (16 * (i & 1));
+    }
+    for (unsigned i = 0; i < 4; ++i) {
+        const unsigned row = tig * 2 + (i & 1) + (i >= 2 ? 8 : 0);
+        br[i / 2] |= static_cast<uint32_t>(b[row * 8 + group]) << (16 * (i & 1));
+    }
+    for (unsigned i = 0; i < 4; ++i) cr[i] = c[(i < 2 ? group : group + 8) * 8 + tig * 2 + (i & 1)];
+    if (f16) {
+        tli_mma_m16n8k16_f16(dr, ar, br, cr);
+    } else {
+        tli_mma_m16n8k16_bf16(dr, ar, br, cr);
+    }
+    for (unsigned i = 0; i < 4; ++i) d[warp * 128 + (i < 2 ? group : group + 8) * 8 + tig * 2 + (i & 1)] = dr[i];
 }

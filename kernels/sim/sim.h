@@ -21,7 +21,7 @@
 //   5. bf16 / f16 storage types and their conversions
 //   6. float intrinsics, integer intrinsics, min/max
 //   7. cache-hinted loads and stores
-//   8. matrix (tensor core) primitives: not modelled yet
+//   8. matrix (tensor core) primitives: mma.sync m16n8k16 (bf16/f16 -> f32)
 //   9. the launch API used by the per-op export files (TLI_SIM_EXPORT)
 #pragma once
 
@@ -187,6 +187,9 @@ enum class WarpOp : int {
     ReduceAnd,
     ReduceOr,
     ReduceXor,
+    // One warp-wide mma.sync.m16n8k16 (section 8): `value` points at the
+    // lane's MmaLane, `arg` is the MmaType.
+    Mma,
 };
 
 // The block barrier. `kind` 0 is __syncthreads, 1 _count, 2 _and, 3 _or;
@@ -725,10 +728,57 @@ inline void __stwt(T* p, T v) { *p = v; }
 // 8. Matrix (tensor core) primitives
 // ---------------------------------------------------------------------------
 //
-// Not modelled yet. The change that introduces `mma`/`wmma` in a kernel adds
-// its host definition here, and a self-test kernel that indexes fragment
-// elements (DESIGN.md, "Simulator notes"), so the fragment layout the
-// simulator uses is checked against the documented PTX layout.
+// `mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32`, with
+// the per-lane fragment layout of the PTX ISA ("Matrix Fragments for
+// mma.m16n8k16 with floating point type"), groupID = lane >> 2 and
+// tig = lane % 4 (threadID_in_group):
+//
+//   A (16x16, row-major), four .b32 registers of two 16-bit elements each
+//   (element 2j in the low half, 2j+1 in the high half):
+//     a[0] = A[g    ][2t, 2t+1]      a[1] = A[g + 8][2t, 2t+1]
+//     a[2] = A[g    ][2t+8, 2t+9]    a[3] = A[g + 8][2t+8, 2t+9]
+//   B (16x8, K x N, "col"), two .b32 registers:
+//     b[0] = B[2t, 2t+1  ][g]        b[1] = B[2t+8, 2t+9][g]
+//   C, D (16x8 f32), four registers:
+//     c[0], c[1] = C[g][2t], C[g][2t+1]    c[2], c[3] = C[g+8][2t], C[g+8][2t+1]
+//
+// Kernels call it through `tli_mma_m16n8k16_*` (kernels/common/mma.cuh).
+// Here it is one warp collective: every lane deposits a pointer to its
+// registers, and when all 32 lanes have arrived the runtime gathers A, B and
+// C from the 32 fragments, computes D and scatters each lane's four values
+// back (runtime.cpp, `run_mma`). A lane that has exited, a partial warp, or
+// lanes at different collectives make the launch fail, as `mma.sync`
+// requires all 32 threads to execute the same instruction.
+//
+// Arithmetic: each product of two bf16 (or two f16) values is exact in f32
+// (8x8 or 11x11 significant bits); the sum is emulated as
+// D = (((C + p0) + p1) + ... + p15), k ascending, each addition an f32
+// round-to-nearest-even. The hardware's internal order, width and rounding
+// of this sum are not specified by PTX (Ampere and Hopper are reported to
+// add with truncation at a slightly wider width), so results may differ from
+// the device in the last bits of the f32 accumulator: tests bound the error
+// of an accumulation over K terms by K * 2^-23 * sum |a*b| (2^-23 = twice the
+// f32 unit roundoff, covering truncation as well as rounding), never by bit
+// equality with the device.
+namespace tli_sim {
+enum class MmaType : unsigned { BF16 = 0, F16 = 1 };
+// One lane's operands; `d` may alias `c` (the runtime reads every lane's A,
+// B and C before it writes any D).
+struct MmaLane {
+    const uint32_t* a;  // 4 registers
+    const uint32_t* b;  // 2 registers
+    const float* c;     // 4 accumulators
+    float* d;           // 4 results
+};
+}  // namespace tli_sim
+
+inline void tli_sim_mma_m16n8k16(tli_sim::MmaType type, float* d, const uint32_t* a, const uint32_t* b,
+                                 const float* c, TLI_SIM_SITE_PARAMS) {
+    tli_sim::MmaLane lane{a, b, c, d};
+    tli_sim::warp_collective(tli_sim::WarpOp::Mma, 0xffffffffu,
+                             static_cast<uint64_t>(reinterpret_cast<uintptr_t>(&lane)),
+                             static_cast<unsigned>(type), warpSize, TLI_SIM_SITE);
+}
 
 // ---------------------------------------------------------------------------
 // 9. Launch API for the export files (kernels/sim/OP.cpp)

@@ -635,6 +635,16 @@ pub mod selftest {
             who: u32,
             out: *mut u32,
         ) -> c_int;
+        fn tli_sim_tli_selftest_mma(
+            cfg: *const TliSimLaunch,
+            err: *mut c_char,
+            errlen: usize,
+            f16: i32,
+            a: *const u16,
+            b: *const u16,
+            c: *const f32,
+            d: *mut f32,
+        ) -> c_int;
     }
 
     const OP: &str = "simulator self-test";
@@ -1133,6 +1143,44 @@ pub mod selftest {
             // SAFETY: each thread writes only out[gid] with gid < total
             // threads, which out holds (checked above).
             unsafe { tli_sim_tli_selftest_broken(cfg, e, l, how as i32, who, out.as_mut_ptr()) }
+        })
+    }
+
+    /// `tli_selftest_mma`: every warp of the launch computes `D = C + A·B`
+    /// for the 16×16 `a` (row-major 16-bit patterns, bf16 or `f16`), the
+    /// 16×8 `b` (`[k][n]`) and the 16×8 f32 `c`, building its fragments
+    /// element by element from the PTX ISA layout formulas; warp `w` writes
+    /// `d[128 w..128 w + 128]` (row-major 16×8).
+    ///
+    /// # Errors
+    /// Wrong operand lengths, a `d` shorter than 128 per warp (a partial warp
+    /// counts); [`Error::Sim`] from the launch (a partial warp fails there).
+    pub fn mma(
+        cfg: &TliSimLaunch,
+        f16: bool,
+        a: &[u16; 256],
+        b: &[u16; 128],
+        c: &[f32; 128],
+        d: &mut [f32],
+    ) -> Result<()> {
+        let warps = total(cfg)?.div_ceil(32);
+        need("d", d.len(), warps.checked_mul(128))?;
+        run("tli_selftest_mma", |e, l| {
+            // SAFETY: every thread reads a[0..256], b[0..128], c[0..128]
+            // (fixed-size arrays) and writes d[128 w..128 w + 128] for its
+            // warp w < warps, within the length checked above.
+            unsafe {
+                tli_sim_tli_selftest_mma(
+                    cfg,
+                    e,
+                    l,
+                    i32::from(f16),
+                    a.as_ptr(),
+                    b.as_ptr(),
+                    c.as_ptr(),
+                    d.as_mut_ptr(),
+                )
+            }
         })
     }
 

@@ -31,9 +31,37 @@ use tli_kernels::kernels::{CUDA_ARCHS, KERNEL_SOURCES, NVCC_VERSION, PTX_MODULES
 ///   this memory-bound kernel would need a redesign, not a tweak. No stack:
 ///   the value array must stay fully unrolled in registers.
 ///
-/// Every entry point must match a prefix, so a new kernel cannot land
-/// without a budget.
-const BUDGETS: &[(&str, u32, u32)] = &[("nf4_dequant", 64, 0)];
+/// * `lora_fwd_tile_*_{bf16,f16}`, `lora_bwd_dx_*_{bf16,f16}` (128-thread
+///   tensor-core tiles): each thread holds 2x4 m16n8 accumulators of the
+///   base product plus 2x4 of the LoRA projection (64 f32), A/B fragments
+///   and 16 decoded weights; nvcc 13.4 gives 122-156. The cap of 168 keeps
+///   three blocks (12 warps) per SM resident (168 x 128 x 3 < 64 Ki), the
+///   least that hides the barrier-separated load and mma phases of an
+///   unpipelined tile; more would cost a block of occupancy.
+/// * the same for f32 (SIMT FMAs over the same fragments, 224-238 today):
+///   the reference dtype, not the hot path; capped at 255, the most a
+///   128-thread launch bound allows, so the f32 tile may never spill.
+/// * `lora_fwd_gemv` (256 threads, 8 row accumulators per lane, one decoded
+///   word of 8 codes at a time; 64-125 today): 128 keeps two blocks = 16
+///   warps per SM for this memory-bound kernel.
+/// * `lora_proj`, `lora_bwd_dadb`: scalar loops, about 32 registers; 64.
+///
+/// Every entry point must match a prefix (the first match counts), so a new
+/// kernel cannot land without a budget.
+const BUDGETS: &[(&str, u32, u32)] = &[
+    ("nf4_dequant", 64, 0),
+    ("lora_fwd_tile_dense_f32", 255, 0),
+    ("lora_fwd_tile_nf4_f32", 255, 0),
+    ("lora_fwd_tile_nf4dq_f32", 255, 0),
+    ("lora_bwd_dx_dense_f32", 255, 0),
+    ("lora_bwd_dx_nf4_f32", 255, 0),
+    ("lora_bwd_dx_nf4dq_f32", 255, 0),
+    ("lora_fwd_tile_", 168, 0),
+    ("lora_bwd_dx_", 168, 0),
+    ("lora_fwd_gemv_", 128, 0),
+    ("lora_proj_", 64, 0),
+    ("lora_bwd_dadb_", 64, 0),
+];
 
 /// What ptxas reported for one entry point.
 #[derive(Debug, Default, Clone)]

@@ -58,6 +58,30 @@ TLI_DEVICE uint8_t tli_load_ro(const uint8_t* p) {
 #endif
 }
 
+TLI_DEVICE __nv_bfloat16 tli_load_ro(const __nv_bfloat16* p) {
+#if TLI_SIM
+    return *p;
+#else
+    return __ldg(p);
+#endif
+}
+TLI_DEVICE __half tli_load_ro(const __half* p) {
+#if TLI_SIM
+    return *p;
+#else
+    return __ldg(p);
+#endif
+}
+
+// 8-byte read-only load (p 8-byte aligned).
+TLI_DEVICE uint2 tli_load_ro_8(const uint2* p) {
+#if TLI_SIM
+    return *p;
+#else
+    return __ldg(p);
+#endif
+}
+
 // 16-byte streaming store (evict-first): outputs that this kernel writes once
 // and never reads should not displace the inputs still to be read from L2.
 TLI_DEVICE void tli_store_streaming_16(uint4* p, uint4 v) {

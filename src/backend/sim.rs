@@ -18,6 +18,11 @@
 
 use std::ffi::{CStr, c_char, c_int};
 
+use crate::lora::kernel::{
+    AUX_THREADS, Family, ForwardVariant, GEMV_ROWS_PER_BLOCK, GEMV_THREADS, LoraParams,
+    TILE_THREADS, WeightKind, entry_name,
+};
+use crate::lora::{BackwardArgs, BaseWeight, ForwardArgs, Grads, LinearDims};
 use crate::nf4::{Nf4View, ScalesView};
 use crate::{DType, Element, Error, Result};
 
@@ -507,6 +512,325 @@ enum PlainFn {
 enum DoubleFn {
     F32(DoubleF32),
     U16(DoubleU16),
+}
+
+// ---------------------------------------------------------------------------
+// Fused NF4 + LoRA linear (kernels/lora_matmul.cu)
+// ---------------------------------------------------------------------------
+
+/// One `lora_matmul` entry point under the simulator: every one takes the
+/// kernel's single `TliLoraParams` argument by value.
+type LoraFn = unsafe extern "C" fn(*const TliSimLaunch, *mut c_char, usize, LoraParams) -> c_int;
+
+macro_rules! lora_entries {
+    ($($name:ident),* $(,)?) => {
+        unsafe extern "C" {
+            $(fn $name(cfg: *const TliSimLaunch, err: *mut c_char, errlen: usize, p: LoraParams) -> c_int;)*
+        }
+        /// Every exported `lora_matmul` entry point by its simulator name.
+        const LORA_ENTRIES: &[(&str, LoraFn)] = &[$((stringify!($name), $name as LoraFn)),*];
+    };
+}
+
+lora_entries!(
+    tli_sim_lora_fwd_tile_dense_f32,
+    tli_sim_lora_fwd_tile_dense_bf16,
+    tli_sim_lora_fwd_tile_dense_f16,
+    tli_sim_lora_fwd_tile_nf4_f32,
+    tli_sim_lora_fwd_tile_nf4_bf16,
+    tli_sim_lora_fwd_tile_nf4_f16,
+    tli_sim_lora_fwd_tile_nf4dq_f32,
+    tli_sim_lora_fwd_tile_nf4dq_bf16,
+    tli_sim_lora_fwd_tile_nf4dq_f16,
+    tli_sim_lora_fwd_gemv_dense_f32,
+    tli_sim_lora_fwd_gemv_dense_bf16,
+    tli_sim_lora_fwd_gemv_dense_f16,
+    tli_sim_lora_fwd_gemv_nf4_f32,
+    tli_sim_lora_fwd_gemv_nf4_bf16,
+    tli_sim_lora_fwd_gemv_nf4_f16,
+    tli_sim_lora_fwd_gemv_nf4dq_f32,
+    tli_sim_lora_fwd_gemv_nf4dq_bf16,
+    tli_sim_lora_fwd_gemv_nf4dq_f16,
+    tli_sim_lora_bwd_dx_dense_f32,
+    tli_sim_lora_bwd_dx_dense_bf16,
+    tli_sim_lora_bwd_dx_dense_f16,
+    tli_sim_lora_bwd_dx_nf4_f32,
+    tli_sim_lora_bwd_dx_nf4_bf16,
+    tli_sim_lora_bwd_dx_nf4_f16,
+    tli_sim_lora_bwd_dx_nf4dq_f32,
+    tli_sim_lora_bwd_dx_nf4dq_bf16,
+    tli_sim_lora_bwd_dx_nf4dq_f16,
+    tli_sim_lora_proj_f32,
+    tli_sim_lora_proj_bf16,
+    tli_sim_lora_proj_f16,
+    tli_sim_lora_bwd_dadb_f32,
+    tli_sim_lora_bwd_dadb_bf16,
+    tli_sim_lora_bwd_dadb_f16,
+);
+
+/// The most blocks a simulated GEMV launches (its grid-stride loop covers
+/// the remaining rows).
+const GEMV_MAX_GRID: usize = 16;
+
+/// The address of a host buffer, as the kernels' pointer fields take it.
+fn addr<U>(s: &[U]) -> u64 {
+    s.as_ptr().expose_provenance() as u64
+}
+
+fn addr_mut<U>(s: &mut [U]) -> u64 {
+    s.as_mut_ptr().expose_provenance() as u64
+}
+
+/// `src` itself when 16-byte aligned, else a copy in `store` that is.
+fn stage16<'a, U: bytemuck::Pod>(src: &'a [U], store: &'a mut Vec<Align16>) -> &'a [U] {
+    if is_aligned(src.as_ptr()) {
+        return src;
+    }
+    *store = aligned_scratch(size_of_val(src));
+    bytemuck::cast_slice_mut::<Align16, U>(store)[..src.len()].copy_from_slice(src);
+    &bytemuck::cast_slice::<Align16, U>(store)[..src.len()]
+}
+
+fn check_dtype<T: Element>(op: &'static str) -> Result<()> {
+    if size_of::<T>() != T::DTYPE.size() {
+        return Err(Error::UnsupportedDtype {
+            op,
+            dtype: format!("{} of {} bytes", T::DTYPE, size_of::<T>()),
+            supported: SUPPORTED_DTYPES,
+        });
+    }
+    Ok(())
+}
+
+/// Launch `entry` (a name from [`entry_name`]) with `p`.
+///
+/// The caller guarantees every address in `p` points at a live buffer of the
+/// length the kernel indexes for `p`'s sizes (see `kernels/lora_matmul.cu`),
+/// 16-byte aligned where the launch contract says so, for the whole call.
+fn launch_lora(entry: &'static str, cfg: &TliSimLaunch, p: LoraParams) -> Result<()> {
+    let sim_name = format!("tli_sim_{entry}");
+    let f = LORA_ENTRIES
+        .iter()
+        .find(|(n, _)| *n == sim_name)
+        .map(|(_, f)| *f)
+        .ok_or_else(|| Error::invalid("lora (sim)", format!("no simulator export {sim_name}")))?;
+    run(entry, |err, errlen| {
+        // SAFETY: `f` is the export of `entry`, whose C signature is
+        // (const TliSimLaunch*, char*, size_t, TliLoraParams) with
+        // TliLoraParams laid out as LoraParams (#[repr(C)], same size,
+        // asserted on both sides). Buffer validity is the caller's contract
+        // above; the call returns only after the whole grid has finished.
+        unsafe { f(cfg, err, errlen, p) }
+    })
+}
+
+/// The weight's addresses and scalars into `p`, staging the packed codes /
+/// dense values through aligned scratch (`store`) when they are not 16-byte
+/// aligned. Returns the weight kind.
+fn set_weight<'a, T: Element>(
+    op: &'static str,
+    p: &mut LoraParams,
+    weight: &BaseWeight<'a, T>,
+    store: &'a mut Vec<Align16>,
+) -> Result<WeightKind> {
+    match weight {
+        BaseWeight::Dense(w) => {
+            p.w_dense = addr(stage16(w, store));
+            Ok(WeightKind::Dense)
+        }
+        BaseWeight::Nf4(v) => {
+            p.w_packed = addr(stage16(v.packed, store));
+            match v.scales {
+                ScalesView::Plain(absmax) => {
+                    p.w_absmax = addr(absmax);
+                    p.set_nf4(op, v.blocksize, None)
+                }
+                ScalesView::Double {
+                    qabsmax,
+                    absmax2,
+                    code2,
+                    offset,
+                    nested_blocksize,
+                } => {
+                    p.w_qabsmax = addr(qabsmax);
+                    p.w_absmax2 = addr(absmax2);
+                    p.w_code2 = addr(code2);
+                    p.set_nf4(op, v.blocksize, Some((nested_blocksize, offset)))
+                }
+            }
+        }
+    }
+}
+
+/// The fused forward `y = x·Wᵀ + s·(x̃·Aᵀ)·Bᵀ (+ bias)` under the simulator,
+/// with the variant [`ForwardVariant::Auto`] picks (GEMV for `M ≤ 8`, tiles
+/// otherwise).
+///
+/// # Errors
+/// As [`lora_forward_variant`].
+pub fn lora_forward<T: Element>(args: &ForwardArgs<'_, T>, out: &mut [T]) -> Result<()> {
+    lora_forward_variant(args, out, ForwardVariant::Auto)
+}
+
+/// The fused forward under the simulator with an explicit kernel variant
+/// (any variant runs any `M`).
+///
+/// # Errors
+/// Before anything runs: what [`ForwardArgs::validate`] reports;
+/// [`Error::ShapeMismatch`] when `out` does not hold `M·N` values;
+/// [`Error::UnsupportedDtype`] when `T`'s size disagrees with its dtype;
+/// [`Error::InvalidArgument`] for sizes beyond the kernels' index types or
+/// grids. [`Error::Sim`] when a simulated launch fails.
+pub fn lora_forward_variant<T: Element>(
+    args: &ForwardArgs<'_, T>,
+    out: &mut [T],
+    variant: ForwardVariant,
+) -> Result<()> {
+    const OP: &str = "lora forward (sim)";
+    check_dtype::<T>(OP)?;
+    args.validate(OP)?;
+    if out.len() != args.out_len() {
+        return Err(Error::shape(
+            OP,
+            format!("output [M={}, N={}]", args.dims.m, args.dims.n),
+            args.out_len(),
+            out.len(),
+        ));
+    }
+    let mut p = LoraParams::new(
+        OP,
+        args.dims,
+        args.lora.map(|l| (l.rank, l.scale)),
+        args.dropout,
+    )?;
+    let mut store = Vec::new();
+    let kind = set_weight(OP, &mut p, &args.weight, &mut store)?;
+    p.x = addr(args.x);
+    if let Some(l) = &args.lora {
+        p.lora_a = addr(l.a);
+        p.lora_b = addr(l.b);
+    }
+    if let Some(b) = args.bias {
+        p.bias = addr(b);
+    }
+    p.out = addr_mut(out);
+    let LinearDims { m, n, .. } = args.dims;
+    match variant.resolve(m) {
+        ForwardVariant::Gemv => {
+            let mut u = Vec::new();
+            if let Some(l) = &args.lora {
+                // u = s·ks·x̃·Aᵀ, [M, r] f32, consumed by the GEMV epilogue.
+                u = vec![0.0f32; m * l.rank];
+                let mut q = p;
+                q.proj_mode = 0;
+                q.proj_scale = p.scale * p.keep_scale;
+                q.proj_out = addr_mut(&mut u);
+                launch_lora(
+                    entry_name(Family::Proj, kind, T::DTYPE),
+                    &proj_launch(m)?,
+                    q,
+                )?;
+            }
+            p.u = addr(&u);
+            let blocks = n.div_ceil(GEMV_ROWS_PER_BLOCK).clamp(1, GEMV_MAX_GRID);
+            // At most GEMV_MAX_GRID (16): the conversion cannot fail.
+            let cfg = TliSimLaunch::linear(u32::try_from(blocks).unwrap_or(1), GEMV_THREADS);
+            launch_lora(entry_name(Family::FwdGemv, kind, T::DTYPE), &cfg, p)
+        }
+        _ => {
+            let cfg = TliSimLaunch {
+                grid: p.tile_grid(n),
+                block: [TILE_THREADS, 1, 1],
+                dynamic_smem: 0,
+                timeout_ms: 0,
+            };
+            launch_lora(entry_name(Family::FwdTile, kind, T::DTYPE), &cfg, p)
+        }
+    }
+}
+
+/// One `lora_proj` block per row of `x` / `dy`.
+fn proj_launch(m: usize) -> Result<TliSimLaunch> {
+    let blocks = u32::try_from(m).map_err(|_| {
+        Error::invalid("lora (sim)", format!("M = {m} exceeds the projection grid"))
+    })?;
+    Ok(TliSimLaunch::linear(blocks, AUX_THREADS))
+}
+
+/// The backward pass under the simulator: `dx` with the fused tile kernel,
+/// `dA`/`dB` from the rank projections `u = x̃·Aᵀ`, `g = dy·B` and one
+/// `lora_bwd_dadb` launch. Gradients left `None` are not computed.
+///
+/// # Errors
+/// Before anything runs: what [`BackwardArgs::validate`] reports;
+/// [`Error::UnsupportedDtype`] and [`Error::InvalidArgument`] as
+/// [`lora_forward_variant`]. [`Error::Sim`] when a simulated launch fails.
+pub fn lora_backward<T: Element>(args: &BackwardArgs<'_, T>, grads: Grads<'_, T>) -> Result<()> {
+    const OP: &str = "lora backward (sim)";
+    check_dtype::<T>(OP)?;
+    args.validate(OP, &grads)?;
+    let fwd = &args.fwd;
+    let mut p = LoraParams::new(
+        OP,
+        fwd.dims,
+        fwd.lora.map(|l| (l.rank, l.scale)),
+        fwd.dropout,
+    )?;
+    let mut store = Vec::new();
+    let kind = set_weight(OP, &mut p, &fwd.weight, &mut store)?;
+    p.x = addr(fwd.x);
+    p.dy = addr(args.dy);
+    if let Some(l) = &fwd.lora {
+        p.lora_a = addr(l.a);
+        p.lora_b = addr(l.b);
+    }
+    let LinearDims { m, k, .. } = fwd.dims;
+    let Grads { dx, da, db } = grads;
+    if let Some(dx) = dx {
+        let mut q = p;
+        q.out = addr_mut(dx);
+        let cfg = TliSimLaunch {
+            grid: p.tile_grid(k),
+            block: [TILE_THREADS, 1, 1],
+            dynamic_smem: 0,
+            timeout_ms: 0,
+        };
+        launch_lora(entry_name(Family::BwdDx, kind, T::DTYPE), &cfg, q)?;
+    }
+    let (Some(l), true) = (&fwd.lora, da.is_some() || db.is_some()) else {
+        return Ok(());
+    };
+    let proj = entry_name(Family::Proj, kind, T::DTYPE);
+    let mut u = Vec::new();
+    let mut g = Vec::new();
+    if db.is_some() {
+        // u = x̃·Aᵀ = ks · Σ kept x·A.
+        u = vec![0.0f32; m * l.rank];
+        let mut q = p;
+        q.proj_mode = 0;
+        q.proj_scale = p.keep_scale;
+        q.proj_out = addr_mut(&mut u);
+        launch_lora(proj, &proj_launch(m)?, q)?;
+    }
+    if da.is_some() {
+        // g = dy·B.
+        g = vec![0.0f32; m * l.rank];
+        let mut q = p;
+        q.proj_mode = 1;
+        q.proj_scale = 1.0;
+        q.proj_out = addr_mut(&mut g);
+        launch_lora(proj, &proj_launch(m)?, q)?;
+    }
+    let blocks = p.dadb_blocks(da.is_some(), db.is_some())?;
+    p.u = addr(&u);
+    p.g = addr(&g);
+    p.da = da.map_or(0, |d| addr_mut(d));
+    p.db = db.map_or(0, |d| addr_mut(d));
+    launch_lora(
+        entry_name(Family::Dadb, kind, T::DTYPE),
+        &TliSimLaunch::linear(blocks, AUX_THREADS),
+        p,
+    )
 }
 
 /// Launchers of the simulator's self-test kernels (`kernels/sim/selftest.cuh`)

@@ -32,6 +32,8 @@
 use crate::nf4::Nf4View;
 use crate::{Element, Error, Result};
 
+pub mod kernel;
+
 /// Largest LoRA rank the kernels take (the `x · Aᵀ` tile of a row block is
 /// held on chip; 64 covers every rank in common use).
 pub const MAX_RANK: usize = 64;

@@ -26,8 +26,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DriverError, LaunchConfig,
-    PushKernelArg, sys,
+    CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DevicePtrMut, DriverError,
+    LaunchConfig, PushKernelArg, sys,
 };
 use cudarc::nvrtc::Ptx;
 use half::{bf16, f16};
@@ -35,6 +35,11 @@ use half::{bf16, f16};
 pub use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 
 use crate::kernels::{self, PtxModule};
+use crate::lora::kernel::{
+    AUX_THREADS, Family, ForwardVariant, GEMV_ROWS_PER_BLOCK, GEMV_THREADS, LoraParams,
+    TILE_THREADS, WeightKind, entry_name,
+};
+use crate::lora::{BackwardArgs, BaseWeight, Dropout, ForwardArgs, Grads, LinearDims, LoraFactors};
 use crate::nf4::{self, Nf4View, ScalesView};
 use crate::{DType, Element, Error, Result};
 
@@ -819,3 +824,701 @@ fn archs_of(name: &str) -> String {
         v.join(", ")
     }
 }
+
+// ---------------------------------------------------------------------------
+// Fused NF4 + LoRA linear (kernels/lora_matmul.cu)
+// ---------------------------------------------------------------------------
+
+/// The frozen base weight `W` `[N, K]` on the device.
+#[derive(Debug, Clone, Copy)]
+pub enum DeviceWeight<'a, T> {
+    /// NF4 (bitsandbytes layout), `numel = N·K`.
+    Nf4(&'a Nf4Device),
+    /// Dense `T`, `N·K` values.
+    Dense(&'a CudaSlice<T>),
+}
+
+/// LoRA factors on the device.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceLora<'a, T> {
+    /// `A`, `[rank, K]`.
+    pub a: &'a CudaSlice<T>,
+    /// `B`, `[N, rank]`.
+    pub b: &'a CudaSlice<T>,
+    /// `r`, in `1..=64`.
+    pub rank: usize,
+    /// `s = alpha / r`.
+    pub scale: f32,
+}
+
+/// Forward inputs on the device: [`ForwardArgs`] with device buffers.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceForwardArgs<'a, T> {
+    /// Problem size.
+    pub dims: LinearDims,
+    /// `x`, `[M, K]`.
+    pub x: &'a CudaSlice<T>,
+    /// `W`.
+    pub weight: DeviceWeight<'a, T>,
+    /// LoRA factors, or `None` for a plain linear.
+    pub lora: Option<DeviceLora<'a, T>>,
+    /// `bias`, `[N]`.
+    pub bias: Option<&'a CudaSlice<T>>,
+    /// Dropout on the LoRA input (the mask of [`crate::lora::dropout_keep`]).
+    pub dropout: Option<Dropout>,
+}
+
+/// Gradient outputs on the device; `None` skips one.
+#[derive(Debug)]
+pub struct DeviceGrads<'a, T> {
+    /// `dx`, `[M, K]`.
+    pub dx: Option<&'a mut CudaSlice<T>>,
+    /// `dA`, `[rank, K]`.
+    pub da: Option<&'a mut CudaSlice<T>>,
+    /// `dB`, `[N, rank]`.
+    pub db: Option<&'a mut CudaSlice<T>>,
+}
+
+fn lora_len_check(
+    op: &'static str,
+    what: &str,
+    dims: String,
+    want: usize,
+    got: usize,
+) -> Result<()> {
+    if want == got {
+        Ok(())
+    } else {
+        Err(Error::shape(
+            op,
+            format!("{what} {dims}"),
+            format!("{want} values"),
+            format!("{got} values"),
+        ))
+    }
+}
+
+impl Cuda {
+    /// Every rule of [`ForwardArgs::validate`] for device buffers, plus the
+    /// device, alignment and index-type checks; returns the scalar part of
+    /// the kernel parameters and the weight kind.
+    fn lora_validate<T: Element>(
+        &self,
+        op: &'static str,
+        args: &DeviceForwardArgs<'_, T>,
+    ) -> Result<(LoraParams, WeightKind)> {
+        if size_of::<T>() != T::DTYPE.size() {
+            return Err(Error::UnsupportedDtype {
+                op,
+                dtype: format!("{} of {} bytes", T::DTYPE, size_of::<T>()),
+                supported: SUPPORTED_DTYPES,
+            });
+        }
+        let LinearDims { m, n, k } = args.dims;
+        if m == 0 || n == 0 || k == 0 {
+            return Err(Error::invalid(
+                op,
+                format!("empty problem: M = {m}, N = {n}, K = {k}"),
+            ));
+        }
+        if let Some(d) = &args.dropout
+            && !(d.p >= 0.0 && d.p < 1.0)
+        {
+            return Err(Error::invalid(
+                op,
+                format!("dropout probability {} is not in [0, 1)", d.p),
+            ));
+        }
+        if let Some(l) = &args.lora
+            && !l.scale.is_finite()
+        {
+            return Err(Error::invalid(
+                op,
+                format!("LoRA scale {} is not finite", l.scale),
+            ));
+        }
+        if args.lora.is_none() && args.dropout.is_some_and(|d| d.p > 0.0) {
+            return Err(Error::invalid(op, "dropout given without LoRA factors"));
+        }
+        // Sizes and rank against the kernels' index types (this also rules
+        // out overflow in the products below).
+        let mut p = LoraParams::new(
+            op,
+            args.dims,
+            args.lora.map(|l| (l.rank, l.scale)),
+            args.dropout,
+        )?;
+        lora_len_check(op, "x", format!("[M={m}, K={k}]"), m * k, args.x.len())?;
+        self.check_same_device(op, "x", args.x)?;
+        let kind = match args.weight {
+            DeviceWeight::Dense(w) => {
+                lora_len_check(op, "weight", format!("[N={n}, K={k}]"), n * k, w.len())?;
+                self.check_same_device(op, "weight", w)?;
+                self.check_aligned(op, "weight", w)?;
+                WeightKind::Dense
+            }
+            DeviceWeight::Nf4(w) => {
+                w.validate(op)?;
+                lora_len_check(op, "NF4 weight", format!("[N={n}, K={k}]"), n * k, w.numel)?;
+                self.check_same_device(op, "packed codes", &w.packed)?;
+                self.check_aligned(op, "packed codes", &w.packed)?;
+                match &w.scales {
+                    DeviceScales::Plain(a) => {
+                        self.check_same_device(op, "absmax", a)?;
+                        p.set_nf4(op, w.blocksize, None)?
+                    }
+                    DeviceScales::Double {
+                        qabsmax,
+                        absmax2,
+                        code2,
+                        offset,
+                        nested_blocksize,
+                    } => {
+                        self.check_same_device(op, "quantized absmax", qabsmax)?;
+                        self.check_same_device(op, "nested absmax", absmax2)?;
+                        self.check_same_device(op, "nested quant map", code2)?;
+                        p.set_nf4(op, w.blocksize, Some((*nested_blocksize, *offset)))?
+                    }
+                }
+            }
+        };
+        if let Some(l) = &args.lora {
+            let r = l.rank;
+            lora_len_check(op, "lora_A", format!("[r={r}, K={k}]"), r * k, l.a.len())?;
+            lora_len_check(op, "lora_B", format!("[N={n}, r={r}]"), n * r, l.b.len())?;
+            self.check_same_device(op, "lora_A", l.a)?;
+            self.check_same_device(op, "lora_B", l.b)?;
+        }
+        if let Some(b) = args.bias {
+            lora_len_check(op, "bias", format!("[N={n}]"), n, b.len())?;
+            self.check_same_device(op, "bias", b)?;
+        }
+        Ok((p, kind))
+    }
+
+    /// Queue one `lora_matmul` entry point with `p`.
+    ///
+    /// # Safety
+    /// Every address in `p` must point at a live device buffer of this
+    /// context with the length the kernel indexes for `p`'s sizes (see
+    /// `kernels/lora_matmul.cu`), weight buffers 16-byte aligned, and stay
+    /// valid until the kernel has finished (the callers hold cudarc's
+    /// stream-ordering guards of every buffer across the launch).
+    unsafe fn lora_launch(
+        &self,
+        entry: &'static str,
+        grid: [u32; 3],
+        block: u32,
+        p: &LoraParams,
+    ) -> Result<()> {
+        let func = self.function("lora_matmul", entry)?;
+        let cfg = LaunchConfig {
+            grid_dim: (grid[0], grid[1], grid[2]),
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.stream.launch_builder(&func);
+        launch.arg(p);
+        // SAFETY: the one argument is the entry point's `TliLoraParams`,
+        // laid out as `LoraParams` (#[repr(C)], size asserted on both
+        // sides); buffer validity is this function's contract; block is the
+        // kernel's launch bound and the grid the one its indexing expects.
+        unsafe { launch.launch(cfg) }
+            .map_err(|e| driver_error(format!("cuLaunchKernel ({entry})"), e))?;
+        Ok(())
+    }
+
+    /// The fused forward `y = x·Wᵀ + s·(x̃·Aᵀ)·Bᵀ (+ bias)` on device
+    /// buffers: the launcher of `lora_fwd_tile_*` / `lora_fwd_gemv_*` (and
+    /// `lora_proj_*` for the GEMV's `u`). `variant` picks the kernel
+    /// ([`ForwardVariant::Auto`]: GEMV for `M ≤ 8`). Queues the work and
+    /// returns.
+    ///
+    /// # Errors
+    /// Before anything runs: [`Error::ShapeMismatch`] for a buffer of the
+    /// wrong length (naming it); [`Error::InvalidArgument`] for an empty
+    /// problem, a rank outside `1..=64`, a non-finite scale, a bad dropout
+    /// probability, sizes beyond the kernels' index types, or a buffer of
+    /// another device; [`Error::Misaligned`] when the weight is not 16-byte
+    /// aligned; [`Error::UnsupportedDtype`]. [`Error::NoCudaDevice`] /
+    /// [`Error::Driver`] when loading the module, allocating the GEMV's
+    /// scratch or launching fails.
+    pub fn lora_forward<T: Element + DeviceRepr>(
+        &self,
+        args: &DeviceForwardArgs<'_, T>,
+        out: &mut CudaSlice<T>,
+        variant: ForwardVariant,
+    ) -> Result<()> {
+        const OP: &str = "lora forward (cuda)";
+        let (mut p, kind) = self.lora_validate(OP, args)?;
+        let LinearDims { m, n, .. } = args.dims;
+        lora_len_check(OP, "output", format!("[M={m}, N={n}]"), m * n, out.len())?;
+        self.check_same_device(OP, "output", out)?;
+        let s = &self.stream;
+        let (x, _gx) = args.x.device_ptr(s);
+        p.x = x;
+        let (mut _gw, mut _gs1, mut _gs2, mut _gs3) = (None, None, None, None);
+        match args.weight {
+            DeviceWeight::Dense(w) => {
+                let (ptr, g) = w.device_ptr(s);
+                p.w_dense = ptr;
+                _gw = Some(g);
+            }
+            DeviceWeight::Nf4(w) => {
+                let (ptr, g) = w.packed.device_ptr(s);
+                p.w_packed = ptr;
+                _gw = Some(g);
+                match &w.scales {
+                    DeviceScales::Plain(a) => {
+                        let (ptr, g) = a.device_ptr(s);
+                        p.w_absmax = ptr;
+                        _gs1 = Some(g);
+                    }
+                    DeviceScales::Double {
+                        qabsmax,
+                        absmax2,
+                        code2,
+                        ..
+                    } => {
+                        let (q, g1) = qabsmax.device_ptr(s);
+                        let (a2, g2) = absmax2.device_ptr(s);
+                        let (c2, g3) = code2.device_ptr(s);
+                        (p.w_qabsmax, p.w_absmax2, p.w_code2) = (q, a2, c2);
+                        (_gs1, _gs2, _gs3) = (Some(g1), Some(g2), Some(g3));
+                    }
+                }
+            }
+        }
+        let (mut _ga, mut _gb, mut _gbias) = (None, None, None);
+        if let Some(l) = &args.lora {
+            let (a, ga) = l.a.device_ptr(s);
+            let (b, gb) = l.b.device_ptr(s);
+            (p.lora_a, p.lora_b) = (a, b);
+            (_ga, _gb) = (Some(ga), Some(gb));
+        }
+        if let Some(b) = args.bias {
+            let (ptr, g) = b.device_ptr(s);
+            p.bias = ptr;
+            _gbias = Some(g);
+        }
+        let (o, _go) = out.device_ptr_mut(s);
+        p.out = o;
+        match variant.resolve(m) {
+            ForwardVariant::Gemv => {
+                let mut u = None;
+                if let Some(l) = &args.lora {
+                    u = Some(self.alloc_zeros::<f32>(m * l.rank)?);
+                }
+                let mut _gu = None;
+                if let Some(u) = u.as_mut() {
+                    let (ptr, g) = u.device_ptr_mut(s);
+                    let mut q = p;
+                    q.proj_mode = 0;
+                    q.proj_scale = p.scale * p.keep_scale;
+                    q.proj_out = ptr;
+                    p.u = ptr;
+                    _gu = Some(g);
+                    let blocks = u32::try_from(m)
+                        .map_err(|_| Error::invalid(OP, format!("M = {m} exceeds the grid")))?;
+                    // SAFETY: q's buffers were validated above (x [M,K],
+                    // A [r,K], u [M,r] just allocated); guards held.
+                    unsafe {
+                        self.lora_launch(
+                            entry_name(Family::Proj, kind, T::DTYPE),
+                            [blocks, 1, 1],
+                            AUX_THREADS,
+                            &q,
+                        )?
+                    };
+                }
+                let blocks_per_sm = (self.max_threads_per_sm / GEMV_THREADS).max(1);
+                let resident = self.sm_count as usize * blocks_per_sm as usize;
+                let blocks = n.div_ceil(GEMV_ROWS_PER_BLOCK).clamp(1, resident.max(1));
+                let blocks = u32::try_from(blocks).unwrap_or(u32::MAX);
+                // SAFETY: every buffer in p was validated above for the
+                // sizes in p (weight 16-byte aligned for the LDG.128s);
+                // the guards above live until after this call.
+                unsafe {
+                    self.lora_launch(
+                        entry_name(Family::FwdGemv, kind, T::DTYPE),
+                        [blocks, 1, 1],
+                        GEMV_THREADS,
+                        &p,
+                    )
+                }
+            }
+            _ => {
+                // SAFETY: as above; the grid covers the output in 64x64 tiles.
+                unsafe {
+                    self.lora_launch(
+                        entry_name(Family::FwdTile, kind, T::DTYPE),
+                        p.tile_grid(n),
+                        TILE_THREADS,
+                        &p,
+                    )
+                }
+            }
+        }
+    }
+
+    /// The backward pass on device buffers: `dx` with the fused tile kernel
+    /// (`lora_bwd_dx_*`), `dA`/`dB` through `lora_proj_*` and one
+    /// `lora_bwd_dadb_*` launch. Gradients left `None` are not computed.
+    /// Queues the work and returns.
+    ///
+    /// # Errors
+    /// As [`Cuda::lora_forward`], plus [`Error::ShapeMismatch`] for `dy` or
+    /// a gradient of the wrong length and [`Error::InvalidArgument`] when
+    /// `dA`/`dB` are asked for without LoRA factors.
+    pub fn lora_backward<T: Element + DeviceRepr>(
+        &self,
+        args: &DeviceForwardArgs<'_, T>,
+        dy: &CudaSlice<T>,
+        grads: DeviceGrads<'_, T>,
+    ) -> Result<()> {
+        const OP: &str = "lora backward (cuda)";
+        let (mut p, kind) = self.lora_validate(OP, args)?;
+        let LinearDims { m, n, k } = args.dims;
+        lora_len_check(OP, "dy", format!("[M={m}, N={n}]"), m * n, dy.len())?;
+        self.check_same_device(OP, "dy", dy)?;
+        let DeviceGrads { dx, da, db } = grads;
+        if let Some(d) = &dx {
+            lora_len_check(OP, "dx", format!("[M={m}, K={k}]"), m * k, d.len())?;
+            self.check_same_device(OP, "dx", d)?;
+        }
+        let rank = args.lora.map(|l| l.rank);
+        match rank {
+            Some(r) => {
+                if let Some(d) = &da {
+                    lora_len_check(OP, "dA", format!("[r={r}, K={k}]"), r * k, d.len())?;
+                    self.check_same_device(OP, "dA", d)?;
+                }
+                if let Some(d) = &db {
+                    lora_len_check(OP, "dB", format!("[N={n}, r={r}]"), n * r, d.len())?;
+                    self.check_same_device(OP, "dB", d)?;
+                }
+            }
+            None if da.is_some() || db.is_some() => {
+                return Err(Error::invalid(
+                    OP,
+                    "gradients of lora_A / lora_B asked for without LoRA factors",
+                ));
+            }
+            None => {}
+        }
+        let blocks_dadb = p.dadb_blocks(da.is_some(), db.is_some())?;
+        let blocks_m = u32::try_from(m)
+            .map_err(|_| Error::invalid(OP, format!("M = {m} exceeds the grid")))?;
+        let s = &self.stream;
+        let (x, _gx) = args.x.device_ptr(s);
+        let (dyp, _gdy) = dy.device_ptr(s);
+        (p.x, p.dy) = (x, dyp);
+        let (mut _gw, mut _gs1, mut _gs2, mut _gs3) = (None, None, None, None);
+        match args.weight {
+            DeviceWeight::Dense(w) => {
+                let (ptr, g) = w.device_ptr(s);
+                p.w_dense = ptr;
+                _gw = Some(g);
+            }
+            DeviceWeight::Nf4(w) => {
+                let (ptr, g) = w.packed.device_ptr(s);
+                p.w_packed = ptr;
+                _gw = Some(g);
+                match &w.scales {
+                    DeviceScales::Plain(a) => {
+                        let (ptr, g) = a.device_ptr(s);
+                        p.w_absmax = ptr;
+                        _gs1 = Some(g);
+                    }
+                    DeviceScales::Double {
+                        qabsmax,
+                        absmax2,
+                        code2,
+                        ..
+                    } => {
+                        let (q, g1) = qabsmax.device_ptr(s);
+                        let (a2, g2) = absmax2.device_ptr(s);
+                        let (c2, g3) = code2.device_ptr(s);
+                        (p.w_qabsmax, p.w_absmax2, p.w_code2) = (q, a2, c2);
+                        (_gs1, _gs2, _gs3) = (Some(g1), Some(g2), Some(g3));
+                    }
+                }
+            }
+        }
+        let (mut _ga, mut _gb) = (None, None);
+        if let Some(l) = &args.lora {
+            let (a, ga) = l.a.device_ptr(s);
+            let (b, gb) = l.b.device_ptr(s);
+            (p.lora_a, p.lora_b) = (a, b);
+            (_ga, _gb) = (Some(ga), Some(gb));
+        }
+        if let Some(dx) = dx {
+            let (o, _go) = dx.device_ptr_mut(s);
+            let mut q = p;
+            q.out = o;
+            // SAFETY: x, dy, W, A, B validated above for q's sizes, dx
+            // [M,K]; guards held until after the call.
+            unsafe {
+                self.lora_launch(
+                    entry_name(Family::BwdDx, kind, T::DTYPE),
+                    p.tile_grid(k),
+                    TILE_THREADS,
+                    &q,
+                )?
+            };
+        }
+        let Some(r) = rank.filter(|_| da.is_some() || db.is_some()) else {
+            return Ok(());
+        };
+        let proj = entry_name(Family::Proj, kind, T::DTYPE);
+        let mut u = if db.is_some() {
+            Some(self.alloc_zeros::<f32>(m * r)?)
+        } else {
+            None
+        };
+        let mut g = if da.is_some() {
+            Some(self.alloc_zeros::<f32>(m * r)?)
+        } else {
+            None
+        };
+        let (mut _gu, mut _gg) = (None, None);
+        if let Some(u) = u.as_mut() {
+            let (ptr, gd) = u.device_ptr_mut(s);
+            let mut q = p;
+            (q.proj_mode, q.proj_scale, q.proj_out) = (0, p.keep_scale, ptr);
+            p.u = ptr;
+            _gu = Some(gd);
+            // SAFETY: x [M,K], A [r,K] validated; u [M,r] allocated above.
+            unsafe { self.lora_launch(proj, [blocks_m, 1, 1], AUX_THREADS, &q)? };
+        }
+        if let Some(g) = g.as_mut() {
+            let (ptr, gd) = g.device_ptr_mut(s);
+            let mut q = p;
+            (q.proj_mode, q.proj_scale, q.proj_out) = (1, 1.0, ptr);
+            p.g = ptr;
+            _gg = Some(gd);
+            // SAFETY: dy [M,N], B [N,r] validated; g [M,r] allocated above.
+            unsafe { self.lora_launch(proj, [blocks_m, 1, 1], AUX_THREADS, &q)? };
+        }
+        let (mut _gda, mut _gdb) = (None, None);
+        if let Some(d) = da {
+            let (ptr, gd) = d.device_ptr_mut(s);
+            p.da = ptr;
+            _gda = Some(gd);
+        }
+        if let Some(d) = db {
+            let (ptr, gd) = d.device_ptr_mut(s);
+            p.db = ptr;
+            _gdb = Some(gd);
+        }
+        // SAFETY: x, dy validated; u / g [M,r] written above when dB / dA
+        // are asked for (the kernel reads only those); dA [r,K], dB [N,r]
+        // checked; the grid is dadb_blocks for exactly these outputs.
+        unsafe {
+            self.lora_launch(
+                entry_name(Family::Dadb, kind, T::DTYPE),
+                [blocks_dadb, 1, 1],
+                AUX_THREADS,
+                &p,
+            )
+        }
+    }
+
+    /// The forward on host slices: upload, [`Cuda::lora_forward`] with
+    /// [`ForwardVariant::Auto`], download into `out`, wait.
+    ///
+    /// # Errors
+    /// What [`ForwardArgs::validate`] reports, [`Error::ShapeMismatch`] for
+    /// `out`, then as [`Cuda::lora_forward`] and [`Error::Driver`] for the
+    /// copies.
+    pub fn lora_forward_host<T: Element>(
+        &self,
+        args: &ForwardArgs<'_, T>,
+        out: &mut [T],
+    ) -> Result<()> {
+        const OP: &str = "lora forward (cuda)";
+        args.validate(OP)?;
+        if out.len() != args.out_len() {
+            return Err(Error::shape(OP, "output", args.out_len(), out.len()));
+        }
+        match T::DTYPE {
+            DType::F32 => self.forward_host_typed::<f32>(&recast(OP, args)?, cast_out(OP, out)?),
+            DType::BF16 => self.forward_host_typed::<bf16>(&recast(OP, args)?, cast_out(OP, out)?),
+            DType::F16 => self.forward_host_typed::<f16>(&recast(OP, args)?, cast_out(OP, out)?),
+        }
+    }
+
+    /// The backward pass on host slices: upload, [`Cuda::lora_backward`],
+    /// download each requested gradient, wait.
+    ///
+    /// # Errors
+    /// What [`BackwardArgs::validate`] reports, then as
+    /// [`Cuda::lora_backward`] and [`Error::Driver`] for the copies.
+    pub fn lora_backward_host<T: Element>(
+        &self,
+        args: &BackwardArgs<'_, T>,
+        grads: Grads<'_, T>,
+    ) -> Result<()> {
+        const OP: &str = "lora backward (cuda)";
+        args.validate(OP, &grads)?;
+        let Grads { dx, da, db } = grads;
+        macro_rules! typed {
+            ($u:ty) => {{
+                let fwd = recast::<T, $u>(OP, &args.fwd)?;
+                let dy: &[$u] = cast_in(OP, args.dy)?;
+                let dx = dx.map(|d| cast_out::<T, $u>(OP, d)).transpose()?;
+                let da = da.map(|d| cast_out::<T, $u>(OP, d)).transpose()?;
+                let db = db.map(|d| cast_out::<T, $u>(OP, d)).transpose()?;
+                self.backward_host_typed::<$u>(&fwd, dy, Grads { dx, da, db })
+            }};
+        }
+        match T::DTYPE {
+            DType::F32 => typed!(f32),
+            DType::BF16 => typed!(bf16),
+            DType::F16 => typed!(f16),
+        }
+    }
+
+    /// Upload the forward inputs; `f` runs with their device form.
+    fn with_device_args<U: Element + DeviceRepr, R>(
+        &self,
+        args: &ForwardArgs<'_, U>,
+        f: impl FnOnce(&DeviceForwardArgs<'_, U>) -> Result<R>,
+    ) -> Result<R> {
+        let x = self.to_device(args.x)?;
+        let (nf4, dense) = match args.weight {
+            BaseWeight::Nf4(v) => (Some(self.upload_nf4(&v)?), None),
+            BaseWeight::Dense(w) => (None, Some(self.to_device(w)?)),
+        };
+        let factors = match &args.lora {
+            Some(l) => Some((self.to_device(l.a)?, self.to_device(l.b)?, l.rank, l.scale)),
+            None => None,
+        };
+        let bias = args.bias.map(|b| self.to_device(b)).transpose()?;
+        let weight = match (&nf4, &dense) {
+            (Some(w), _) => DeviceWeight::Nf4(w),
+            (None, Some(w)) => DeviceWeight::Dense(w),
+            (None, None) => return Err(Error::invalid("lora (cuda)", "no weight")),
+        };
+        let dargs = DeviceForwardArgs {
+            dims: args.dims,
+            x: &x,
+            weight,
+            lora: factors.as_ref().map(|(a, b, rank, scale)| DeviceLora {
+                a,
+                b,
+                rank: *rank,
+                scale: *scale,
+            }),
+            bias: bias.as_ref(),
+            dropout: args.dropout,
+        };
+        f(&dargs)
+    }
+
+    fn download<U: DeviceRepr>(&self, dev: &CudaSlice<U>, host: &mut [U]) -> Result<()> {
+        if dev.len() != host.len() {
+            return Err(Error::shape(
+                "lora (cuda)",
+                "download",
+                dev.len(),
+                host.len(),
+            ));
+        }
+        self.stream
+            .memcpy_dtoh(dev, host)
+            .map_err(|e| driver_error(format!("cuMemcpyDtoH ({} bytes)", dev.num_bytes()), e))
+    }
+
+    fn forward_host_typed<U: Element + DeviceRepr + ValidAsZeroBits>(
+        &self,
+        args: &ForwardArgs<'_, U>,
+        out: &mut [U],
+    ) -> Result<()> {
+        self.with_device_args(args, |d| {
+            let mut dev_out = self.alloc_zeros::<U>(out.len())?;
+            self.lora_forward(d, &mut dev_out, ForwardVariant::Auto)?;
+            self.download(&dev_out, out)?;
+            self.synchronize()
+        })
+    }
+
+    fn backward_host_typed<U: Element + DeviceRepr + ValidAsZeroBits>(
+        &self,
+        args: &ForwardArgs<'_, U>,
+        dy: &[U],
+        grads: Grads<'_, U>,
+    ) -> Result<()> {
+        self.with_device_args(args, |d| {
+            let dy = self.to_device(dy)?;
+            let Grads { dx, da, db } = grads;
+            let mut ddx = dx
+                .as_ref()
+                .map(|h| self.alloc_zeros::<U>(h.len()))
+                .transpose()?;
+            let mut dda = da
+                .as_ref()
+                .map(|h| self.alloc_zeros::<U>(h.len()))
+                .transpose()?;
+            let mut ddb = db
+                .as_ref()
+                .map(|h| self.alloc_zeros::<U>(h.len()))
+                .transpose()?;
+            self.lora_backward(
+                d,
+                &dy,
+                DeviceGrads {
+                    dx: ddx.as_mut(),
+                    da: dda.as_mut(),
+                    db: ddb.as_mut(),
+                },
+            )?;
+            for (dev, host) in [(ddx, dx), (dda, da), (ddb, db)] {
+                if let (Some(dev), Some(host)) = (dev, host) {
+                    self.download(&dev, host)?;
+                }
+            }
+            self.synchronize()
+        })
+    }
+}
+
+/// The caller's forward inputs as the concrete element type of their dtype
+/// (the same type; only a foreign `Element` impl of the wrong size fails).
+fn recast<'a, T: Element, U: Element>(
+    op: &'static str,
+    a: &ForwardArgs<'a, T>,
+) -> Result<ForwardArgs<'a, U>> {
+    Ok(ForwardArgs {
+        dims: a.dims,
+        x: cast_in(op, a.x)?,
+        weight: match a.weight {
+            BaseWeight::Nf4(v) => BaseWeight::Nf4(v),
+            BaseWeight::Dense(w) => BaseWeight::Dense(cast_in(op, w)?),
+        },
+        lora: match &a.lora {
+            Some(l) => Some(LoraFactors {
+                a: cast_in(op, l.a)?,
+                b: cast_in(op, l.b)?,
+                rank: l.rank,
+                scale: l.scale,
+            }),
+            None => None,
+        },
+        bias: a.bias.map(|b| cast_in(op, b)).transpose()?,
+        dropout: a.dropout,
+    })
+}
+
+fn cast_in<'a, T: Element, U: Element>(op: &'static str, s: &'a [T]) -> Result<&'a [U]> {
+    bytemuck::try_cast_slice(s).map_err(|e| Error::UnsupportedDtype {
+        op,
+        dtype: format!("{} of {} bytes ({e})", T::DTYPE, size_of::<T>()),
+        supported: SUPPORTED_DTYPES,
+    })
+}
+
+// SAFETY: LoraParams is #[repr(C)] plain data (integers and floats, no
+// padding: 208 bytes asserted against the C struct), passed to the kernel
+// by value as its `TliLoraParams` argument.
+unsafe impl DeviceRepr for LoraParams {}

@@ -26,7 +26,10 @@ fn main() {
     // The directories too: a kernel or export file that is added (or comes
     // back) must rebuild the simulator library and the PTX list.
     println!("cargo:rerun-if-changed={}", kernels_dir.display());
-    println!("cargo:rerun-if-changed={}", kernels_dir.join("sim").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        kernels_dir.join("sim").display()
+    );
 
     generate_nf4_tables(
         &kernels_dir.join("common/nf4.cuh"),

@@ -126,6 +126,16 @@ pub enum Error {
         shared: String,
     },
 
+    /// A tensor operation of the model (candle) failed.
+    #[error("{op}: {source}")]
+    Candle {
+        /// What was being computed.
+        op: &'static str,
+        /// candle's error (it names the shapes or dtypes involved).
+        #[source]
+        source: candle_core::Error,
+    },
+
     /// An I/O error on a named file.
     #[error("{}: {source}", path.display())]
     Io {
@@ -167,6 +177,11 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+
+    /// Shorthand for [`Error::Candle`]: `.map_err(Error::candle("op"))`.
+    pub(crate) fn candle(op: &'static str) -> impl FnOnce(candle_core::Error) -> Self {
+        move |source| Error::Candle { op, source }
     }
 
     /// Shorthand for [`Error::Format`].

@@ -22,6 +22,7 @@ pub mod error;
 pub mod io;
 pub mod kernels;
 pub mod lora;
+pub mod model;
 pub mod nf4;
 pub mod ops;
 pub mod pairs;

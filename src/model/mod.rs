@@ -1,0 +1,25 @@
+//! A thin Llama that loads real checkpoints and returns every hidden state.
+//!
+//! * [`config`]: `config.json` (transformers 4 and 5 spellings, llama3 rope
+//!   scaling, bitsandbytes `quantization_config`); anything it does not
+//!   implement is an error.
+//! * [`weights`]: memory-mapped `model.safetensors` or sharded checkpoints;
+//!   f32/bf16/f16 tensors and bitsandbytes NF4 weights.
+//! * [`projection`]: [`Projection`], the one linear layer of the model, the
+//!   place the fused NF4 + LoRA op plugs in.
+//! * [`llama`]: loading and the forward pass ([`Llama::hidden_states`]).
+//! * [`rope`]: rotary embeddings as transformers computes them.
+
+pub mod config;
+pub mod llama;
+pub mod projection;
+pub mod rope;
+pub mod synthetic;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::{Bnb4bitConfig, LlamaConfig, RopeScaling};
+pub use llama::{Block, ForwardOptions, Llama, LoadOptions, PROJECTION_NAMES};
+pub use projection::{LoraAdapter, Projection, ProjectionWeight};
+pub use tokenizer::{EncodedBatch, LlamaTokenizer, SpecialTokens};
+pub use weights::{Checkpoint, Tensors};

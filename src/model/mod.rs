@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod llama;
+pub mod lora;
 pub mod projection;
 pub mod rope;
 pub mod synthetic;
@@ -20,6 +21,7 @@ pub mod weights;
 
 pub use config::{Bnb4bitConfig, LlamaConfig, RopeScaling};
 pub use llama::{Block, ForwardOptions, Llama, LoadOptions, PROJECTION_NAMES};
+pub use lora::{LoraConfig, TargetModules};
 pub use projection::{LoraAdapter, Projection, ProjectionWeight};
 pub use tokenizer::{EncodedBatch, LlamaTokenizer, SpecialTokens};
 pub use weights::{Checkpoint, Tensors};

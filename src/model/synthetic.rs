@@ -28,7 +28,7 @@ use tokenizers::{AddedToken, Tokenizer};
 use super::config::{LlamaConfig, RopeScaling};
 use super::llama::{Llama, LoadOptions, PROJECTION_NAMES, projection_parent};
 use super::tokenizer::{LlamaTokenizer, SpecialTokens};
-use super::weights::Checkpoint;
+use super::weights::{Checkpoint, safetensors_bytes};
 use crate::io::write_atomic;
 use crate::nf4::checkpoint::TensorBuf;
 use crate::{Error, Result};
@@ -298,20 +298,6 @@ pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> Vec<(String, TensorBuf)> 
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
-}
-
-/// Serialize named tensors as a safetensors file (with transformers'
-/// `{"format": "pt"}` metadata).
-///
-/// # Errors
-/// [`Error::InvalidArgument`] if a tensor's bytes do not match its shape.
-pub fn safetensors_bytes(tensors: &[(String, TensorBuf)]) -> Result<Vec<u8>> {
-    let meta = Some(std::collections::HashMap::from([(
-        "format".to_string(),
-        "pt".to_string(),
-    )]));
-    safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), meta)
-        .map_err(|e| Error::invalid("safetensors", e.to_string()))
 }
 
 /// The synthetic model (seeded) and its tokenizer, built in memory.

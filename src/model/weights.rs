@@ -18,6 +18,7 @@ use serde_json::Value;
 
 use crate::io::MappedFile;
 use crate::nf4::Nf4Tensor;
+use crate::nf4::checkpoint::TensorBuf;
 use crate::nf4::checkpoint::{NF4_QUANT_STATE_SUFFIX, QUANT_STATE_INFIX, read_nf4};
 use crate::{Error, Result};
 
@@ -405,4 +406,15 @@ impl<'a> Tensors<'a> {
         }
         Ok(t)
     }
+}
+
+/// Serialize named tensors as a safetensors file (with transformers'
+/// `{"format": "pt"}` metadata).
+///
+/// # Errors
+/// [`Error::InvalidArgument`] if a tensor's bytes do not match its shape.
+pub fn safetensors_bytes(tensors: &[(String, TensorBuf)]) -> Result<Vec<u8>> {
+    let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), meta)
+        .map_err(|e| Error::invalid("safetensors", e.to_string()))
 }

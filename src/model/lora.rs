@@ -302,7 +302,13 @@ impl LoraConfig {
         );
         o.insert("r".into(), self.rank.into());
         o.insert("lora_alpha".into(), alpha);
-        o.insert("lora_dropout".into(), f64::from(self.dropout).into());
+        // The shortest decimal of the f32 (0.05, not 0.05000000074505806).
+        let dropout: f64 = self
+            .dropout
+            .to_string()
+            .parse()
+            .unwrap_or(f64::from(self.dropout));
+        o.insert("lora_dropout".into(), dropout.into());
         o.insert(
             "target_modules".into(),
             match &self.target_modules {

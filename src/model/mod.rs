@@ -25,3 +25,27 @@ pub use lora::{LoraConfig, TargetModules};
 pub use projection::{LoraAdapter, Projection, ProjectionWeight};
 pub use tokenizer::{EncodedBatch, LlamaTokenizer, SpecialTokens};
 pub use weights::{Checkpoint, Tensors};
+
+/// The candle device for the model: the CPU, or (feature `candle-cuda`)
+/// CUDA device `ordinal`.
+///
+/// # Errors
+/// [`crate::Error::NoCudaDevice`] when CUDA is asked for and the crate was
+/// built without `candle-cuda`, or no driver or device is usable.
+pub fn candle_device(cuda: Option<usize>) -> crate::Result<candle_core::Device> {
+    match cuda {
+        None => Ok(candle_core::Device::Cpu),
+        #[cfg(feature = "candle-cuda")]
+        Some(ordinal) => {
+            candle_core::Device::new_cuda(ordinal).map_err(|e| crate::Error::NoCudaDevice {
+                reason: format!("candle could not open CUDA device {ordinal}: {e}"),
+            })
+        }
+        #[cfg(not(feature = "candle-cuda"))]
+        Some(ordinal) => Err(crate::Error::NoCudaDevice {
+            reason: format!(
+                "CUDA device {ordinal} asked for, but this build has no candle CUDA backend (build with --features candle-cuda)"
+            ),
+        }),
+    }
+}

@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod cosine;
 pub mod demo;
 pub mod dtype;
 pub mod error;

@@ -45,11 +45,23 @@ use tli_kernels::kernels::{CUDA_ARCHS, KERNEL_SOURCES, NVCC_VERSION, PTX_MODULES
 ///   word of 8 codes at a time; 64-125 today): 128 keeps two blocks = 16
 ///   warps per SM for this memory-bound kernel.
 /// * `lora_proj`, `lora_bwd_dadb`: scalar loops, about 32 registers; 64.
+/// * `cosine_pool`, `cosine_pairs`: `__launch_bounds__(256, 3)` caps them at
+///   85 registers (three resident blocks, 768 threads per SM); a thread holds
+///   one or two 8-float pooled chunks, three f32 accumulators and the row
+///   pointers. nvcc 13.4 uses 64 to 84. Without the minimum-blocks hint it
+///   capped cosine_pairs_f32 at 48 and spilled, hence the explicit cap here.
+///   No stack: the IEEE div/sqrt subroutines (whose calls cost a stack frame)
+///   are kept out of the kernels.
+/// * `cosine_matrix`: a 4x4 f32 micro-tile, 4 + 4 operands and tile indices;
+///   48 registers on sm_80/sm_90. 64 keeps four 256-thread blocks resident.
 ///
 /// Every entry point must match a prefix (the first match counts), so a new
 /// kernel cannot land without a budget.
 const BUDGETS: &[(&str, u32, u32)] = &[
     ("nf4_dequant", 64, 0),
+    ("cosine_pool", 85, 0),
+    ("cosine_pairs", 85, 0),
+    ("cosine_matrix", 64, 0),
     ("lora_fwd_tile_dense_f32", 255, 0),
     ("lora_fwd_tile_nf4_f32", 255, 0),
     ("lora_fwd_tile_nf4dq_f32", 255, 0),

@@ -1522,3 +1522,652 @@ fn cast_in<'a, T: Element, U: Element>(op: &'static str, s: &'a [T]) -> Result<&
 // padding: 208 bytes asserted against the C struct), passed to the kernel
 // by value as its `TliLoraParams` argument.
 unsafe impl DeviceRepr for LoraParams {}
+
+// ---------------------------------------------------------------------------
+// Cosine kernels (`kernels/cosine.cu`)
+// ---------------------------------------------------------------------------
+
+/// Output tile of `cosine_matrix` (its `kTileM` × `kTileN`).
+const COSINE_TILE: usize = 64;
+/// Blocks per SM a pool / pair launch asks for at most (the kernels'
+/// `__launch_bounds__(256, 3)` guarantees 3 resident; a few waves more keep
+/// every SM busy while rows of unequal mask counts finish).
+const COSINE_BLOCKS_PER_SM: usize = 12;
+
+/// Hidden states `[batch, seq, dim]` on the device, with element strides
+/// `(stride_b, stride_t, 1)`: the device form of [`crate::cosine::Hidden`].
+/// A matrix of vectors is the view with `seq = 1`.
+#[derive(Debug)]
+pub struct DeviceHidden<'a, T> {
+    /// The elements, starting at element `(0, 0, 0)`.
+    pub data: cudarc::driver::CudaView<'a, T>,
+    /// Rows.
+    pub batch: usize,
+    /// Positions per row.
+    pub seq: usize,
+    /// Embedding width.
+    pub dim: usize,
+    /// Elements between rows.
+    pub stride_b: usize,
+    /// Elements between positions.
+    pub stride_t: usize,
+}
+
+impl<T> DeviceHidden<'_, T> {
+    fn validate(&self, op: &'static str, what: &str) -> Result<()> {
+        crate::cosine::check_layout(
+            op,
+            what,
+            [self.batch, self.seq, self.dim],
+            [self.stride_b, self.stride_t],
+            cudarc::driver::DeviceSlice::len(&self.data),
+        )
+    }
+
+    /// `(stride_b, stride_t, batch, seq, dim)` as the kernels' integers
+    /// (bounded by `validate`).
+    fn params(&self, op: &'static str) -> Result<(i64, i64, i32, i32, i32)> {
+        let big = |what: &str, v: usize| {
+            Error::invalid(op, format!("{what} {v} exceeds the kernel's integer range"))
+        };
+        Ok((
+            i64::try_from(self.stride_b).map_err(|_| big("stride_b", self.stride_b))?,
+            i64::try_from(self.stride_t).map_err(|_| big("stride_t", self.stride_t))?,
+            i32::try_from(self.batch).map_err(|_| big("batch", self.batch))?,
+            i32::try_from(self.seq).map_err(|_| big("seq", self.seq))?,
+            i32::try_from(self.dim).map_err(|_| big("dim", self.dim))?,
+        ))
+    }
+}
+
+/// The entry point of `kind` (`pool`, `pairs`, `matrix`) for `T`.
+fn cosine_entry<T: Element>(op: &'static str, kind: &str) -> Result<&'static str> {
+    crate::cosine::check_element::<T>(op)?;
+    Ok(match (kind, T::DTYPE) {
+        ("pool", DType::F32) => "cosine_pool_f32",
+        ("pool", DType::BF16) => "cosine_pool_bf16",
+        ("pool", DType::F16) => "cosine_pool_f16",
+        ("pairs", DType::F32) => "cosine_pairs_f32",
+        ("pairs", DType::BF16) => "cosine_pairs_bf16",
+        ("pairs", DType::F16) => "cosine_pairs_f16",
+        (_, DType::F32) => "cosine_matrix_f32",
+        (_, DType::BF16) => "cosine_matrix_bf16",
+        (_, DType::F16) => "cosine_matrix_f16",
+    })
+}
+
+impl Cuda {
+    fn same_context<U, S: cudarc::driver::DeviceSlice<U>>(
+        &self,
+        op: &'static str,
+        what: &str,
+        buf: &S,
+    ) -> Result<()> {
+        if **buf.stream().context() == *self.ctx {
+            Ok(())
+        } else {
+            Err(Error::invalid(
+                op,
+                format!(
+                    "{what} was allocated on device {} but this launch runs on device {} ({})",
+                    buf.stream().context().ordinal(),
+                    self.ordinal,
+                    self.name
+                ),
+            ))
+        }
+    }
+
+    fn cosine_rows_config(&self, rows: usize) -> LaunchConfig {
+        let cap = (self.sm_count as usize).max(1) * COSINE_BLOCKS_PER_SM;
+        LaunchConfig {
+            grid_dim: (u32::try_from(rows.clamp(1, cap)).unwrap_or(1), 1, 1),
+            block_dim: (BLOCK_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// Masked mean pooling on the device: the launcher of
+    /// `cosine_pool_{f32,bf16,f16}`. Writes the `[batch, dim]` means into
+    /// `out`, normalised (`x / max(‖x‖, eps)`) when `normalize` is
+    /// `Some(eps)`. A row with no set mask position pools to zero.
+    ///
+    /// Queues the kernel and returns; [`synchronize`](Self::synchronize) or
+    /// [`to_host`](Self::to_host) waits for it.
+    ///
+    /// # Errors
+    /// Before anything runs: the layout errors of
+    /// [`crate::cosine::check_layout`]; a mask of other than `batch · seq`
+    /// bytes or an output of other than `batch · dim` values
+    /// ([`Error::ShapeMismatch`]); a bad `eps`; a buffer of another device
+    /// ([`Error::InvalidArgument`]). [`Error::Driver`] when the launch fails.
+    pub fn cosine_pool<T: Element + DeviceRepr>(
+        &self,
+        h: &DeviceHidden<'_, T>,
+        mask: Option<&cudarc::driver::CudaView<'_, u8>>,
+        normalize: Option<f32>,
+        out: &mut cudarc::driver::CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        const OP: &str = "cosine pool (cuda)";
+        use cudarc::driver::DevicePtrMut;
+        let entry = cosine_entry::<T>(OP, "pool")?;
+        h.validate(OP, "hidden states")?;
+        let eps = normalize.unwrap_or(crate::cosine::NORMALIZE_EPS);
+        crate::cosine::check_eps(OP, eps)?;
+        if let Some(m) = mask
+            && m.len() != h.batch * h.seq
+        {
+            return Err(Error::shape(OP, "mask", h.batch * h.seq, m.len()));
+        }
+        if out.len() != h.batch * h.dim {
+            return Err(Error::shape(OP, "output", h.batch * h.dim, out.len()));
+        }
+        self.same_context(OP, "hidden states", &h.data)?;
+        if let Some(m) = mask {
+            self.same_context(OP, "mask", m)?;
+        }
+        self.same_context(OP, "output", out)?;
+        let (sb, st, rows, seq, dim) = h.params(OP)?;
+        let func = self.function("cosine", entry)?;
+        let cfg = self.cosine_rows_config(h.batch);
+        let (hp, _h_guard) = h.data.device_ptr(&self.stream);
+        let (mp, _m_guard) = match mask {
+            Some(m) => {
+                let (p, g) = m.device_ptr(&self.stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let (op_ptr, _o_guard) = out.device_ptr_mut(&self.stream);
+        let null: u64 = 0;
+        let norm = i32::from(normalize.is_some());
+        let mut launch = self.stream.launch_builder(&func);
+        // (const T* h, int64_t stride_b, int64_t stride_t, const uint8_t*
+        //  mask, int32_t rows, int32_t seq, int32_t dim, float eps,
+        //  int32_t normalize, float* out, float* row_scale)
+        launch
+            .arg(&hp)
+            .arg(&sb)
+            .arg(&st)
+            .arg(&mp)
+            .arg(&rows)
+            .arg(&seq)
+            .arg(&dim)
+            .arg(&eps)
+            .arg(&norm)
+            .arg(&op_ptr)
+            .arg(&null);
+        // SAFETY: the arguments match the entry point's signature in number,
+        // order and type (device pointers as u64, i64 strides, i32 sizes,
+        // f32 eps). `validate` checked that every element (b, t, d) the
+        // kernel reads lies inside `h.data`; the mask (or null) holds
+        // batch·seq bytes and out batch·dim f32 (checked above); row_scale is
+        // null, which the kernel tests before writing. All buffers are in this
+        // context; the kernel checks 16-byte alignment itself before any
+        // vector load. blockDim is its 256 and the grid-stride loop accepts
+        // any grid. The guards record the launch on each buffer's events
+        // when they drop, after the launch is queued.
+        unsafe { launch.launch(cfg) }
+            .map_err(|e| driver_error(format!("cuLaunchKernel ({entry})"), e))?;
+        Ok(())
+    }
+
+    /// The fused pair op on the device: the launcher of
+    /// `cosine_pairs_{f32,bf16,f16}`. `cos[i]` is the cosine of the masked
+    /// mean pools of `a[i]` and `b[i]` (per-norm clamp `eps`, clamped to
+    /// [-1, 1]); the pooled vectors are written only into `pooled`, when
+    /// given.
+    ///
+    /// # Errors
+    /// As [`cosine_pool`](Self::cosine_pool), plus [`Error::ShapeMismatch`]
+    /// for unequal batch or width of `a` and `b`, or a `cos` / `pooled`
+    /// output of the wrong length.
+    #[allow(clippy::too_many_arguments)]
+    pub fn cosine_pairs<T: Element + DeviceRepr>(
+        &self,
+        a: &DeviceHidden<'_, T>,
+        mask_a: Option<&cudarc::driver::CudaView<'_, u8>>,
+        b: &DeviceHidden<'_, T>,
+        mask_b: Option<&cudarc::driver::CudaView<'_, u8>>,
+        eps: f32,
+        cos: &mut cudarc::driver::CudaViewMut<'_, f32>,
+        pooled: Option<(
+            &mut cudarc::driver::CudaViewMut<'_, f32>,
+            &mut cudarc::driver::CudaViewMut<'_, f32>,
+        )>,
+    ) -> Result<()> {
+        const OP: &str = "cosine pairs (cuda)";
+        use cudarc::driver::DevicePtrMut;
+        let entry = cosine_entry::<T>(OP, "pairs")?;
+        a.validate(OP, "a")?;
+        b.validate(OP, "b")?;
+        crate::cosine::check_eps(OP, eps)?;
+        if a.batch != b.batch {
+            return Err(Error::shape(OP, "rows of b", a.batch, b.batch));
+        }
+        if a.dim != b.dim {
+            return Err(Error::shape(OP, "width of b", a.dim, b.dim));
+        }
+        for (what, m, h) in [("a mask", mask_a, a), ("b mask", mask_b, b)] {
+            if let Some(m) = m {
+                if m.len() != h.batch * h.seq {
+                    return Err(Error::shape(OP, what, h.batch * h.seq, m.len()));
+                }
+                self.same_context(OP, what, m)?;
+            }
+        }
+        if cos.len() != a.batch {
+            return Err(Error::shape(OP, "cosine output", a.batch, cos.len()));
+        }
+        self.same_context(OP, "a", &a.data)?;
+        self.same_context(OP, "b", &b.data)?;
+        self.same_context(OP, "cosine output", cos)?;
+        let (pooled_a, pooled_b) = match pooled {
+            Some((pa, pb)) => {
+                for (what, p) in [("pooled a", &*pa), ("pooled b", &*pb)] {
+                    if p.len() != a.batch * a.dim {
+                        return Err(Error::shape(OP, what, a.batch * a.dim, p.len()));
+                    }
+                    self.same_context(OP, what, p)?;
+                }
+                (Some(pa), Some(pb))
+            }
+            None => (None, None),
+        };
+        let (sab, sat, pairs, seq_a, dim) = a.params(OP)?;
+        let (sbb, sbt, _, seq_b, _) = b.params(OP)?;
+        let func = self.function("cosine", entry)?;
+        let cfg = self.cosine_rows_config(a.batch);
+        let (ap, _ga) = a.data.device_ptr(&self.stream);
+        let (bp, _gb) = b.data.device_ptr(&self.stream);
+        let (map, _gma) = match mask_a {
+            Some(m) => {
+                let (p, g) = m.device_ptr(&self.stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let (mbp, _gmb) = match mask_b {
+            Some(m) => {
+                let (p, g) = m.device_ptr(&self.stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let (cp, _gc) = cos.device_ptr_mut(&self.stream);
+        let (pap, _gpa) = match pooled_a {
+            Some(p) => {
+                let (ptr, g) = p.device_ptr_mut(&self.stream);
+                (ptr, Some(g))
+            }
+            None => (0, None),
+        };
+        let (pbp, _gpb) = match pooled_b {
+            Some(p) => {
+                let (ptr, g) = p.device_ptr_mut(&self.stream);
+                (ptr, Some(g))
+            }
+            None => (0, None),
+        };
+        let mut launch = self.stream.launch_builder(&func);
+        // (const T* ha, int64_t sab, int64_t sat, const uint8_t* mask_a,
+        //  int32_t seq_a, const T* hb, int64_t sbb, int64_t sbt,
+        //  const uint8_t* mask_b, int32_t seq_b, int32_t pairs, int32_t dim,
+        //  float eps, float* cos, float* pooled_a, float* pooled_b)
+        launch
+            .arg(&ap)
+            .arg(&sab)
+            .arg(&sat)
+            .arg(&map)
+            .arg(&seq_a)
+            .arg(&bp)
+            .arg(&sbb)
+            .arg(&sbt)
+            .arg(&mbp)
+            .arg(&seq_b)
+            .arg(&pairs)
+            .arg(&dim)
+            .arg(&eps)
+            .arg(&cp)
+            .arg(&pap)
+            .arg(&pbp);
+        // SAFETY: arguments match the signature in number, order and type.
+        // Both views passed `validate` (every element read is inside its
+        // buffer), have equal batch and dim, and their masks (or null) hold
+        // batch·seq bytes; cos holds batch f32 and the pooled outputs (or
+        // null) batch·dim f32 each. All buffers are in this context; the
+        // kernel checks alignment before vector loads; blockDim is its 256
+        // and the grid-stride loop accepts any grid. The guards record the
+        // launch on each buffer's events after it is queued.
+        unsafe { launch.launch(cfg) }
+            .map_err(|e| driver_error(format!("cuLaunchKernel ({entry})"), e))?;
+        Ok(())
+    }
+
+    /// The cosine matrix on the device: `cosine_pool_*` for each side's row
+    /// scales (into temporary device buffers), then `cosine_matrix_*` into
+    /// `out` (`[a.batch, b.batch]` row-major).
+    ///
+    /// # Errors
+    /// As [`cosine_pool`](Self::cosine_pool), plus [`Error::InvalidArgument`]
+    /// for views that are not matrices of vectors (`seq != 1`) or more rows
+    /// than the grid can tile, and [`Error::ShapeMismatch`] for unequal
+    /// widths or an output of the wrong length.
+    pub fn cosine_matrix<T: Element + DeviceRepr>(
+        &self,
+        a: &DeviceHidden<'_, T>,
+        b: &DeviceHidden<'_, T>,
+        eps: f32,
+        out: &mut cudarc::driver::CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        const OP: &str = "cosine matrix (cuda)";
+        use cudarc::driver::DevicePtrMut;
+        let entry = cosine_entry::<T>(OP, "matrix")?;
+        let pool_entry = cosine_entry::<T>(OP, "pool")?;
+        a.validate(OP, "a")?;
+        b.validate(OP, "b")?;
+        crate::cosine::check_eps(OP, eps)?;
+        for (what, h) in [("a", a), ("b", b)] {
+            if h.seq != 1 {
+                return Err(Error::invalid(
+                    OP,
+                    format!(
+                        "{what} must be a matrix of vectors (seq 1), got seq {}",
+                        h.seq
+                    ),
+                ));
+            }
+            self.same_context(OP, what, &h.data)?;
+        }
+        if a.dim != b.dim {
+            return Err(Error::shape(OP, "width of b", a.dim, b.dim));
+        }
+        if out.len() != a.batch * b.batch {
+            return Err(Error::shape(OP, "output", a.batch * b.batch, out.len()));
+        }
+        self.same_context(OP, "output", out)?;
+        let grid_x = u32::try_from(b.batch.div_ceil(COSINE_TILE))
+            .map_err(|_| Error::invalid(OP, format!("{} rows of b exceed the grid", b.batch)))?;
+        let grid_y = u32::try_from(a.batch.div_ceil(COSINE_TILE))
+            .ok()
+            .filter(|&y| y <= 65535)
+            .ok_or_else(|| {
+                Error::invalid(
+                    OP,
+                    format!("{} rows of a exceed gridDim.y = 65535 tiles of 64", a.batch),
+                )
+            })?;
+        let mut scales: Vec<CudaSlice<f32>> = Vec::with_capacity(2);
+        let pool = self.function("cosine", pool_entry)?;
+        for h in [a, b] {
+            let mut s = self.alloc_zeros::<f32>(2 * h.batch)?;
+            let (sb, st, rows, seq, dim) = h.params(OP)?;
+            let (hp, _g) = h.data.device_ptr(&self.stream);
+            let (sp, _gs) = s.device_ptr_mut(&self.stream);
+            let (null, norm): (u64, i32) = (0, 0);
+            let mut launch = self.stream.launch_builder(&pool);
+            launch
+                .arg(&hp)
+                .arg(&sb)
+                .arg(&st)
+                .arg(&null)
+                .arg(&rows)
+                .arg(&seq)
+                .arg(&dim)
+                .arg(&eps)
+                .arg(&norm)
+                .arg(&null)
+                .arg(&sp);
+            // SAFETY: as in `cosine_pool`, with no mask and no pooled output
+            // (null, tested by the kernel) and row_scale = s, which holds
+            // 2·batch f32, the two values the kernel writes per row.
+            unsafe { launch.launch(self.cosine_rows_config(h.batch)) }
+                .map_err(|e| driver_error(format!("cuLaunchKernel ({pool_entry})"), e))?;
+            drop(_gs);
+            scales.push(s);
+        }
+        let (lda, _, n, _, dim) = a.params(OP)?;
+        let (ldb, _, m, _, _) = b.params(OP)?;
+        let func = self.function("cosine", entry)?;
+        let (ap, _ga) = a.data.device_ptr(&self.stream);
+        let (bp, _gb) = b.data.device_ptr(&self.stream);
+        let (sap, _gsa) = scales[0].device_ptr(&self.stream);
+        let (sbp, _gsb) = scales[1].device_ptr(&self.stream);
+        let (op_ptr, _go) = out.device_ptr_mut(&self.stream);
+        let cfg = LaunchConfig {
+            grid_dim: (grid_x, grid_y, 1),
+            block_dim: (BLOCK_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.stream.launch_builder(&func);
+        // (const T* a, int64_t lda, const float* scale_a, int32_t n,
+        //  const T* b, int64_t ldb, const float* scale_b, int32_t m,
+        //  int32_t dim, float* out)
+        launch
+            .arg(&ap)
+            .arg(&lda)
+            .arg(&sap)
+            .arg(&n)
+            .arg(&bp)
+            .arg(&ldb)
+            .arg(&sbp)
+            .arg(&m)
+            .arg(&dim)
+            .arg(&op_ptr);
+        // SAFETY: arguments match the signature. Both views are validated
+        // matrices (row·ld + k < len for row < rows, k < dim); the scale
+        // buffers hold 2 f32 per row, written by the pool launches queued
+        // before on the same stream; out holds n·m f32 and the kernel writes
+        // only (row, col) with row < n, col < m. The grid tiles n and m in
+        // 64s as the kernel expects, blockDim is its 256.
+        unsafe { launch.launch(cfg) }
+            .map_err(|e| driver_error(format!("cuLaunchKernel ({entry})"), e))?;
+        Ok(())
+    }
+
+    /// Host slices through the device: upload, [`cosine_pool`](Self::cosine_pool),
+    /// download, wait.
+    pub(crate) fn cosine_pool_host<T: Element>(
+        &self,
+        h: &crate::cosine::Hidden<'_, T>,
+        mask: Option<&[u8]>,
+        normalize: Option<f32>,
+        out: &mut [f32],
+    ) -> Result<()> {
+        match T::DTYPE {
+            DType::F32 => self.pool_round_trip::<f32>(&cast_hidden(h)?, mask, normalize, out),
+            DType::BF16 => self.pool_round_trip::<bf16>(&cast_hidden(h)?, mask, normalize, out),
+            DType::F16 => self.pool_round_trip::<f16>(&cast_hidden(h)?, mask, normalize, out),
+        }
+    }
+
+    fn pool_round_trip<U: Element + DeviceRepr>(
+        &self,
+        h: &crate::cosine::Hidden<'_, U>,
+        mask: Option<&[u8]>,
+        normalize: Option<f32>,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let data = self.to_device(h.data)?;
+        let mask_dev = mask.map(|m| self.to_device(m)).transpose()?;
+        let mut dev_out = self.alloc_zeros::<f32>(out.len())?;
+        let view = device_view(&data, h);
+        self.cosine_pool(
+            &view,
+            mask_dev.as_ref().map(|m| m.as_view()).as_ref(),
+            normalize,
+            &mut dev_out.as_view_mut(),
+        )?;
+        self.download(&dev_out, out)
+    }
+
+    /// Host slices through the device for the fused pair op.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn cosine_pairs_host<T: Element>(
+        &self,
+        a: &crate::cosine::Hidden<'_, T>,
+        mask_a: Option<&[u8]>,
+        b: &crate::cosine::Hidden<'_, T>,
+        mask_b: Option<&[u8]>,
+        eps: f32,
+        cos: &mut [f32],
+        pooled: Option<(&mut [f32], &mut [f32])>,
+    ) -> Result<()> {
+        match T::DTYPE {
+            DType::F32 => self.pairs_round_trip::<f32>(
+                &cast_hidden(a)?,
+                mask_a,
+                &cast_hidden(b)?,
+                mask_b,
+                eps,
+                cos,
+                pooled,
+            ),
+            DType::BF16 => self.pairs_round_trip::<bf16>(
+                &cast_hidden(a)?,
+                mask_a,
+                &cast_hidden(b)?,
+                mask_b,
+                eps,
+                cos,
+                pooled,
+            ),
+            DType::F16 => self.pairs_round_trip::<f16>(
+                &cast_hidden(a)?,
+                mask_a,
+                &cast_hidden(b)?,
+                mask_b,
+                eps,
+                cos,
+                pooled,
+            ),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn pairs_round_trip<U: Element + DeviceRepr>(
+        &self,
+        a: &crate::cosine::Hidden<'_, U>,
+        mask_a: Option<&[u8]>,
+        b: &crate::cosine::Hidden<'_, U>,
+        mask_b: Option<&[u8]>,
+        eps: f32,
+        cos: &mut [f32],
+        pooled: Option<(&mut [f32], &mut [f32])>,
+    ) -> Result<()> {
+        let da = self.to_device(a.data)?;
+        let db = self.to_device(b.data)?;
+        let ma = mask_a.map(|m| self.to_device(m)).transpose()?;
+        let mb = mask_b.map(|m| self.to_device(m)).transpose()?;
+        let mut dc = self.alloc_zeros::<f32>(cos.len())?;
+        let mut kept = match &pooled {
+            Some((pa, pb)) => Some((
+                self.alloc_zeros::<f32>(pa.len())?,
+                self.alloc_zeros::<f32>(pb.len())?,
+            )),
+            None => None,
+        };
+        {
+            let mut views = kept
+                .as_mut()
+                .map(|(x, y)| (x.as_view_mut(), y.as_view_mut()));
+            self.cosine_pairs(
+                &device_view(&da, a),
+                ma.as_ref().map(|m| m.as_view()).as_ref(),
+                &device_view(&db, b),
+                mb.as_ref().map(|m| m.as_view()).as_ref(),
+                eps,
+                &mut dc.as_view_mut(),
+                views.as_mut().map(|(x, y)| (x, y)),
+            )?;
+        }
+        self.download(&dc, cos)?;
+        if let (Some((pa, pb)), Some((ka, kb))) = (pooled, kept) {
+            self.download(&ka, pa)?;
+            self.download(&kb, pb)?;
+        }
+        Ok(())
+    }
+
+    /// Host slices through the device for the cosine matrix.
+    pub(crate) fn cosine_matrix_host<T: Element>(
+        &self,
+        a: &crate::cosine::Hidden<'_, T>,
+        b: &crate::cosine::Hidden<'_, T>,
+        eps: f32,
+        out: &mut [f32],
+    ) -> Result<()> {
+        match T::DTYPE {
+            DType::F32 => {
+                self.matrix_round_trip::<f32>(&cast_hidden(a)?, &cast_hidden(b)?, eps, out)
+            }
+            DType::BF16 => {
+                self.matrix_round_trip::<bf16>(&cast_hidden(a)?, &cast_hidden(b)?, eps, out)
+            }
+            DType::F16 => {
+                self.matrix_round_trip::<f16>(&cast_hidden(a)?, &cast_hidden(b)?, eps, out)
+            }
+        }
+    }
+
+    fn matrix_round_trip<U: Element + DeviceRepr>(
+        &self,
+        a: &crate::cosine::Hidden<'_, U>,
+        b: &crate::cosine::Hidden<'_, U>,
+        eps: f32,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let da = self.to_device(a.data)?;
+        let db = self.to_device(b.data)?;
+        let mut dev_out = self.alloc_zeros::<f32>(out.len())?;
+        self.cosine_matrix(
+            &device_view(&da, a),
+            &device_view(&db, b),
+            eps,
+            &mut dev_out.as_view_mut(),
+        )?;
+        self.download(&dev_out, out)
+    }
+
+    /// Copy a whole device buffer into `out` (equal lengths) and wait.
+    fn download(&self, dev: &CudaSlice<f32>, out: &mut [f32]) -> Result<()> {
+        self.stream
+            .memcpy_dtoh(dev, out)
+            .map_err(|e| driver_error(format!("cuMemcpyDtoH ({} bytes)", dev.num_bytes()), e))?;
+        self.synchronize()
+    }
+}
+
+/// The device view of an uploaded host view: same shape and strides.
+fn device_view<'a, U>(
+    data: &'a CudaSlice<U>,
+    h: &crate::cosine::Hidden<'_, U>,
+) -> DeviceHidden<'a, U> {
+    DeviceHidden {
+        data: data.as_view(),
+        batch: h.batch,
+        seq: h.seq,
+        dim: h.dim,
+        stride_b: h.stride_b,
+        stride_t: h.stride_t,
+    }
+}
+
+/// Reinterpret a view of `T` as its concrete dtype `U` (the same type).
+fn cast_hidden<'a, T: Element, U: Element>(
+    h: &crate::cosine::Hidden<'a, T>,
+) -> Result<crate::cosine::Hidden<'a, U>> {
+    let data: &'a [U] = bytemuck::try_cast_slice(h.data).map_err(|e| Error::UnsupportedDtype {
+        op: "cosine (cuda)",
+        dtype: format!("{} of {} bytes ({e})", T::DTYPE, size_of::<T>()),
+        supported: SUPPORTED_DTYPES,
+    })?;
+    Ok(crate::cosine::Hidden {
+        data,
+        batch: h.batch,
+        seq: h.seq,
+        dim: h.dim,
+        stride_b: h.stride_b,
+        stride_t: h.stride_t,
+    })
+}

@@ -16,8 +16,9 @@
 //! buffer into an aligned scratch buffer (and results back) instead of
 //! refusing it.
 
-use std::ffi::{CStr, c_char, c_int};
+use std::ffi::{CStr, c_char, c_int, c_void};
 
+use crate::cosine::Hidden;
 use crate::lora::kernel::{
     AUX_THREADS, Family, ForwardVariant, GEMV_ROWS_PER_BLOCK, GEMV_THREADS, LoraParams,
     TILE_THREADS, WeightKind, entry_name,
@@ -1521,4 +1522,433 @@ pub mod selftest {
     ) -> Result<()> {
         super::nf4_dequant_with_grid(src, out, Some(blocks))
     }
+}
+
+// ---------------------------------------------------------------------------
+// Cosine kernels (`kernels/cosine.cu`)
+// ---------------------------------------------------------------------------
+
+/// Threads per block of the cosine kernels (their `kThreads`).
+const COSINE_BLOCK: u32 = 256;
+/// The most blocks a simulated pool / pair launch uses: small grids keep the
+/// simulator quick, and rows beyond it exercise the kernels' grid-stride
+/// loops.
+const COSINE_MAX_GRID: usize = 8;
+/// Output tile of `cosine_matrix` (its `kTileM` × `kTileN`).
+const COSINE_TILE: usize = 64;
+
+/// `cosine_pool_*(h, stride_b, stride_t, mask, rows, seq, dim, eps,
+/// normalize, out, row_scale)`.
+type CosinePoolFn = unsafe extern "C" fn(
+    *const TliSimLaunch,
+    *mut c_char,
+    usize,
+    *const c_void,
+    i64,
+    i64,
+    *const u8,
+    i32,
+    i32,
+    i32,
+    f32,
+    i32,
+    *mut f32,
+    *mut f32,
+) -> c_int;
+/// `cosine_pairs_*(ha, sab, sat, mask_a, seq_a, hb, sbb, sbt, mask_b, seq_b,
+/// pairs, dim, eps, cos, pooled_a, pooled_b)`.
+type CosinePairsFn = unsafe extern "C" fn(
+    *const TliSimLaunch,
+    *mut c_char,
+    usize,
+    *const c_void,
+    i64,
+    i64,
+    *const u8,
+    i32,
+    *const c_void,
+    i64,
+    i64,
+    *const u8,
+    i32,
+    i32,
+    i32,
+    f32,
+    *mut f32,
+    *mut f32,
+    *mut f32,
+) -> c_int;
+/// `cosine_matrix_*(a, lda, scale_a, n, b, ldb, scale_b, m, dim, out)`.
+type CosineMatrixFn = unsafe extern "C" fn(
+    *const TliSimLaunch,
+    *mut c_char,
+    usize,
+    *const c_void,
+    i64,
+    *const f32,
+    i32,
+    *const c_void,
+    i64,
+    *const f32,
+    i32,
+    i32,
+    *mut f32,
+) -> c_int;
+
+/// Declare the simulator exports of the cosine kernels for one dtype suffix,
+/// with the parameter lists of the three function types above.
+macro_rules! cosine_sim_externs {
+    ($pool:ident, $pairs:ident, $matrix:ident) => {
+        unsafe extern "C" {
+            fn $pool(
+                cfg: *const TliSimLaunch,
+                err: *mut c_char,
+                errlen: usize,
+                h: *const c_void,
+                stride_b: i64,
+                stride_t: i64,
+                mask: *const u8,
+                rows: i32,
+                seq: i32,
+                dim: i32,
+                eps: f32,
+                normalize: i32,
+                out: *mut f32,
+                row_scale: *mut f32,
+            ) -> c_int;
+            fn $pairs(
+                cfg: *const TliSimLaunch,
+                err: *mut c_char,
+                errlen: usize,
+                ha: *const c_void,
+                sab: i64,
+                sat: i64,
+                mask_a: *const u8,
+                seq_a: i32,
+                hb: *const c_void,
+                sbb: i64,
+                sbt: i64,
+                mask_b: *const u8,
+                seq_b: i32,
+                pairs: i32,
+                dim: i32,
+                eps: f32,
+                cos: *mut f32,
+                pooled_a: *mut f32,
+                pooled_b: *mut f32,
+            ) -> c_int;
+            fn $matrix(
+                cfg: *const TliSimLaunch,
+                err: *mut c_char,
+                errlen: usize,
+                a: *const c_void,
+                lda: i64,
+                scale_a: *const f32,
+                n: i32,
+                b: *const c_void,
+                ldb: i64,
+                scale_b: *const f32,
+                m: i32,
+                dim: i32,
+                out: *mut f32,
+            ) -> c_int;
+        }
+    };
+}
+cosine_sim_externs!(
+    tli_sim_cosine_pool_f32,
+    tli_sim_cosine_pairs_f32,
+    tli_sim_cosine_matrix_f32
+);
+cosine_sim_externs!(
+    tli_sim_cosine_pool_bf16,
+    tli_sim_cosine_pairs_bf16,
+    tli_sim_cosine_matrix_bf16
+);
+cosine_sim_externs!(
+    tli_sim_cosine_pool_f16,
+    tli_sim_cosine_pairs_f16,
+    tli_sim_cosine_matrix_f16
+);
+
+/// The pool, pairs and matrix entry points of one dtype, with their names.
+type CosineFns = (
+    (&'static str, CosinePoolFn),
+    (&'static str, CosinePairsFn),
+    (&'static str, CosineMatrixFn),
+);
+
+/// The three cosine entry points for `T`, with their names.
+fn cosine_fns<T: Element>() -> Result<CosineFns> {
+    crate::cosine::check_element::<T>("cosine (sim)")?;
+    Ok(match T::DTYPE {
+        DType::F32 => (
+            ("cosine_pool_f32", tli_sim_cosine_pool_f32 as CosinePoolFn),
+            (
+                "cosine_pairs_f32",
+                tli_sim_cosine_pairs_f32 as CosinePairsFn,
+            ),
+            (
+                "cosine_matrix_f32",
+                tli_sim_cosine_matrix_f32 as CosineMatrixFn,
+            ),
+        ),
+        DType::BF16 => (
+            ("cosine_pool_bf16", tli_sim_cosine_pool_bf16 as CosinePoolFn),
+            (
+                "cosine_pairs_bf16",
+                tli_sim_cosine_pairs_bf16 as CosinePairsFn,
+            ),
+            (
+                "cosine_matrix_bf16",
+                tli_sim_cosine_matrix_bf16 as CosineMatrixFn,
+            ),
+        ),
+        DType::F16 => (
+            ("cosine_pool_f16", tli_sim_cosine_pool_f16 as CosinePoolFn),
+            (
+                "cosine_pairs_f16",
+                tli_sim_cosine_pairs_f16 as CosinePairsFn,
+            ),
+            (
+                "cosine_matrix_f16",
+                tli_sim_cosine_matrix_f16 as CosineMatrixFn,
+            ),
+        ),
+    })
+}
+
+/// A view's sizes as the kernels' integer parameters:
+/// `(stride_b, stride_t, rows, seq, dim)`. `validate` has bounded them all.
+fn cosine_dims<T>(op: &'static str, h: &Hidden<'_, T>) -> Result<(i64, i64, i32, i32, i32)> {
+    let big = |what: &str, v: usize| {
+        Error::invalid(op, format!("{what} {v} exceeds the kernel's integer range"))
+    };
+    Ok((
+        i64::try_from(h.stride_b).map_err(|_| big("stride_b", h.stride_b))?,
+        i64::try_from(h.stride_t).map_err(|_| big("stride_t", h.stride_t))?,
+        i32::try_from(h.batch).map_err(|_| big("batch", h.batch))?,
+        i32::try_from(h.seq).map_err(|_| big("seq", h.seq))?,
+        i32::try_from(h.dim).map_err(|_| big("dim", h.dim))?,
+    ))
+}
+
+fn cosine_grid(rows: usize) -> TliSimLaunch {
+    // At most COSINE_MAX_GRID (8), so the conversion cannot fail.
+    let blocks = u32::try_from(rows.clamp(1, COSINE_MAX_GRID)).unwrap_or(1);
+    TliSimLaunch::linear(blocks, COSINE_BLOCK)
+}
+
+/// Run `cosine_pool_*` under the simulator: masked mean pooling of every
+/// row of `h` into `out` (`[batch, dim]`, when given), normalised when
+/// `normalize`, and each row's `(scale, 1/max(‖p·scale‖, eps·scale))` into
+/// `row_scale` (`[batch, 2]`, when given).
+///
+/// # Errors
+/// Before anything runs: what [`Hidden::validate`] reports; a mask or output
+/// of the wrong length ([`Error::ShapeMismatch`]); a bad `eps`, or neither
+/// output given ([`Error::InvalidArgument`]). [`Error::Sim`] when the launch
+/// fails.
+pub(crate) fn cosine_pool<T: Element>(
+    h: &Hidden<'_, T>,
+    mask: Option<&[u8]>,
+    eps: f32,
+    normalize: bool,
+    out: Option<&mut [f32]>,
+    row_scale: Option<&mut [f32]>,
+) -> Result<()> {
+    const OP: &str = "cosine pool (sim)";
+    let ((name, f), _, _) = cosine_fns::<T>()?;
+    h.validate(OP, "hidden states")?;
+    crate::cosine::check_mask(OP, "hidden-state", h, mask)?;
+    crate::cosine::check_eps(OP, eps)?;
+    if out.is_none() && row_scale.is_none() {
+        return Err(Error::invalid(
+            OP,
+            "neither pooled output nor row scales requested",
+        ));
+    }
+    if let Some(o) = &out
+        && o.len() != h.batch * h.dim
+    {
+        return Err(Error::shape(OP, "pooled output", h.batch * h.dim, o.len()));
+    }
+    if let Some(r) = &row_scale
+        && r.len() != 2 * h.batch
+    {
+        return Err(Error::shape(OP, "row scales", 2 * h.batch, r.len()));
+    }
+    let (sb, st, rows, seq, dim) = cosine_dims(OP, h)?;
+    let cfg = cosine_grid(h.batch);
+    let mask_ptr = mask.map_or(std::ptr::null(), <[u8]>::as_ptr);
+    let out_ptr = out.map_or(std::ptr::null_mut(), <[f32]>::as_mut_ptr);
+    let rs_ptr = row_scale.map_or(std::ptr::null_mut(), <[f32]>::as_mut_ptr);
+    run(name, |err, errlen| {
+        // SAFETY: `validate` checked that every element (b, t, d) the kernel
+        // reads, b·stride_b + t·stride_t + d < batch·.. bound, lies inside
+        // h.data; the mask (if any) holds batch·seq bytes, out (if any)
+        // batch·dim f32 and row_scale (if any) 2·batch f32, checked above;
+        // the kernel only uses 16-byte loads after checking the alignment of
+        // each row's address and strides itself. T's size matches its dtype
+        // (cosine_fns). The call returns after the whole grid finished, while
+        // every borrow is still alive.
+        unsafe {
+            f(
+                &cfg,
+                err,
+                errlen,
+                h.data.as_ptr().cast::<c_void>(),
+                sb,
+                st,
+                mask_ptr,
+                rows,
+                seq,
+                dim,
+                eps,
+                i32::from(normalize),
+                out_ptr,
+                rs_ptr,
+            )
+        }
+    })
+}
+
+/// Run `cosine_pairs_*` under the simulator: `cos[i]` for pair `i` of the
+/// masked mean pools of `a` and `b`, and the pooled vectors into `pooled`
+/// when given.
+///
+/// # Errors
+/// Before anything runs: what [`Hidden::validate`] reports for either side;
+/// unequal batch or dim, wrong mask or output lengths
+/// ([`Error::ShapeMismatch`]); a bad `eps`. [`Error::Sim`] when the launch
+/// fails.
+pub(crate) fn cosine_pairs<T: Element>(
+    a: &Hidden<'_, T>,
+    mask_a: Option<&[u8]>,
+    b: &Hidden<'_, T>,
+    mask_b: Option<&[u8]>,
+    eps: f32,
+    cos: &mut [f32],
+    pooled: Option<(&mut [f32], &mut [f32])>,
+) -> Result<()> {
+    const OP: &str = "cosine pairs (sim)";
+    let (_, (name, f), _) = cosine_fns::<T>()?;
+    crate::cosine::check_pair_args(OP, a, mask_a, b, mask_b, eps)?;
+    if cos.len() != a.batch {
+        return Err(Error::shape(OP, "cosine output", a.batch, cos.len()));
+    }
+    let (sab, sat, pairs, seq_a, dim) = cosine_dims(OP, a)?;
+    let (sbb, sbt, _, seq_b, _) = cosine_dims(OP, b)?;
+    let (pa, pb) = match pooled {
+        Some((pa, pb)) => {
+            for (what, p) in [("pooled a", &pa), ("pooled b", &pb)] {
+                if p.len() != a.batch * a.dim {
+                    return Err(Error::shape(OP, what, a.batch * a.dim, p.len()));
+                }
+            }
+            (pa.as_mut_ptr(), pb.as_mut_ptr())
+        }
+        None => (std::ptr::null_mut(), std::ptr::null_mut()),
+    };
+    let cfg = cosine_grid(a.batch);
+    run(name, |err, errlen| {
+        // SAFETY: `check_pair_args` validated both views (every element the
+        // kernel reads lies inside its data), equal batch and dim, and the
+        // masks (batch·seq bytes each, if any); cos holds batch f32 and the
+        // pooled outputs (if any) batch·dim f32 each, checked above. 16-byte
+        // loads happen only where the kernel has checked alignment itself;
+        // T's size matches its dtype; the call returns after the grid ran.
+        unsafe {
+            f(
+                &cfg,
+                err,
+                errlen,
+                a.data.as_ptr().cast::<c_void>(),
+                sab,
+                sat,
+                mask_a.map_or(std::ptr::null(), <[u8]>::as_ptr),
+                seq_a,
+                b.data.as_ptr().cast::<c_void>(),
+                sbb,
+                sbt,
+                mask_b.map_or(std::ptr::null(), <[u8]>::as_ptr),
+                seq_b,
+                pairs,
+                dim,
+                eps,
+                cos.as_mut_ptr(),
+                pa,
+                pb,
+            )
+        }
+    })
+}
+
+/// Run the cosine matrix under the simulator: `cosine_pool_*` for each
+/// side's row scales, then `cosine_matrix_*` into `out` (`[n, m]`).
+///
+/// # Errors
+/// Before anything runs: what [`Hidden::validate`] reports; a view that is
+/// not a matrix (`seq != 1`), unequal widths, an output of the wrong length,
+/// more rows than the grid can tile; a bad `eps`. [`Error::Sim`] when a
+/// launch fails.
+pub(crate) fn cosine_matrix<T: Element>(
+    a: &Hidden<'_, T>,
+    b: &Hidden<'_, T>,
+    eps: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    const OP: &str = "cosine matrix (sim)";
+    let (_, _, (name, f)) = cosine_fns::<T>()?;
+    crate::cosine::check_matrix_args(OP, a, b, eps)?;
+    if out.len() != a.batch * b.batch {
+        return Err(Error::shape(OP, "output", a.batch * b.batch, out.len()));
+    }
+    let grid_x = u32::try_from(b.batch.div_ceil(COSINE_TILE))
+        .map_err(|_| Error::invalid(OP, format!("{} rows of b exceed the grid", b.batch)))?;
+    let grid_y = u32::try_from(a.batch.div_ceil(COSINE_TILE))
+        .ok()
+        .filter(|&y| y <= 65535)
+        .ok_or_else(|| {
+            Error::invalid(
+                OP,
+                format!("{} rows of a exceed gridDim.y 65535 tiles of 64", a.batch),
+            )
+        })?;
+    let mut scale_a = vec![0.0f32; 2 * a.batch];
+    let mut scale_b = vec![0.0f32; 2 * b.batch];
+    cosine_pool(a, None, eps, false, None, Some(&mut scale_a))?;
+    cosine_pool(b, None, eps, false, None, Some(&mut scale_b))?;
+    let (lda, _, n, _, dim) = cosine_dims(OP, a)?;
+    let (ldb, _, m, _, _) = cosine_dims(OP, b)?;
+    let cfg = TliSimLaunch {
+        grid: [grid_x, grid_y, 1],
+        block: [COSINE_BLOCK, 1, 1],
+        dynamic_smem: 0,
+        timeout_ms: 0,
+    };
+    run(name, |err, errlen| {
+        // SAFETY: both views are validated matrices (seq 1: every element
+        // row·ld + k with row < rows, k < dim lies inside the data); the
+        // scales hold 2 f32 per row; out holds n·m f32 and the kernel writes
+        // only (row, col) with row < n, col < m. The grid tiles n and m in
+        // 64s as the kernel expects. The call returns after the grid ran.
+        unsafe {
+            f(
+                &cfg,
+                err,
+                errlen,
+                a.data.as_ptr().cast::<c_void>(),
+                lda,
+                scale_a.as_ptr(),
+                n,
+                b.data.as_ptr().cast::<c_void>(),
+                ldb,
+                scale_b.as_ptr(),
+                m,
+                dim,
+                out.as_mut_ptr(),
+            )
+        }
+    })
 }

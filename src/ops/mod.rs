@@ -1,3 +1,4 @@
 //! The operations, each with one signature over every [`Device`](crate::Device).
 
+pub mod cosine;
 pub mod nf4_dequant;

@@ -5,6 +5,9 @@
 //!
 //! * [`nf4`]: the bitsandbytes NF4 4-bit format — quantization, bit-exact
 //!   dequantization, and the safetensors form transformers writes.
+//! * [`cosine`]: masked mean pooling, L2 normalisation and cosine
+//!   similarity of embeddings (fused pair path and N×M matrix), with
+//!   [`candle_ops::cosine`] wrapping them as candle ops with autograd.
 //! * [`ops`]: the operations, each runnable on three [`Device`]s: `cpu` (the
 //!   multi-threaded Rust reference), `sim` (the `.cu` kernel source compiled
 //!   for the host and run under `kernels/sim`) and `cuda` (PTX on a GPU).
@@ -16,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod candle_ops;
 pub mod cosine;
 pub mod demo;
 pub mod dtype;

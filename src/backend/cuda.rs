@@ -1416,18 +1416,20 @@ impl Cuda {
         f(&dargs)
     }
 
+    /// Copy `dev` into `host` (equal lengths) and wait for the copy.
     fn download<U: DeviceRepr>(&self, dev: &CudaSlice<U>, host: &mut [U]) -> Result<()> {
         if dev.len() != host.len() {
             return Err(Error::shape(
-                "lora (cuda)",
-                "download",
+                "download (cuda)",
+                "host buffer",
                 dev.len(),
                 host.len(),
             ));
         }
         self.stream
             .memcpy_dtoh(dev, host)
-            .map_err(|e| driver_error(format!("cuMemcpyDtoH ({} bytes)", dev.num_bytes()), e))
+            .map_err(|e| driver_error(format!("cuMemcpyDtoH ({} bytes)", dev.num_bytes()), e))?;
+        self.synchronize()
     }
 
     fn forward_host_typed<U: Element + DeviceRepr + ValidAsZeroBits>(
@@ -2127,14 +2129,6 @@ impl Cuda {
             &mut dev_out.as_view_mut(),
         )?;
         self.download(&dev_out, out)
-    }
-
-    /// Copy a whole device buffer into `out` (equal lengths) and wait.
-    fn download(&self, dev: &CudaSlice<f32>, out: &mut [f32]) -> Result<()> {
-        self.stream
-            .memcpy_dtoh(dev, out)
-            .map_err(|e| driver_error(format!("cuMemcpyDtoH ({} bytes)", dev.num_bytes()), e))?;
-        self.synchronize()
     }
 }
 

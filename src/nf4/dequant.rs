@@ -64,8 +64,8 @@ mod ssse3 {
     use std::arch::x86_64::{
         __m128i, _mm_add_epi32, _mm_and_si128, _mm_castps_si128, _mm_cmpgt_epi32, _mm_loadu_ps,
         _mm_loadu_si128, _mm_mul_ps, _mm_or_si128, _mm_set1_epi8, _mm_set1_epi32, _mm_set1_ps,
-        _mm_setr_epi8, _mm_sfence, _mm_shuffle_epi8, _mm_srli_epi16, _mm_srli_epi32,
-        _mm_storeu_si128, _mm_stream_si128, _mm_unpackhi_epi8, _mm_unpackhi_epi16,
+        _mm_setr_epi8, _mm_sfence, _mm_shuffle_epi8, _mm_slli_epi32, _mm_srli_epi16,
+        _mm_srli_epi32, _mm_storeu_si128, _mm_stream_si128, _mm_unpackhi_epi8, _mm_unpackhi_epi16,
         _mm_unpackhi_epi32, _mm_unpackhi_epi64, _mm_unpacklo_epi8, _mm_unpacklo_epi16,
         _mm_unpacklo_epi32, _mm_unpacklo_epi64,
     };
@@ -82,8 +82,11 @@ mod ssse3 {
     /// `T(NF4[q] · scale)`, built without leaving the vector registers for
     /// f32 and bf16 (the table is rebuilt every block, 64 elements at the
     /// default block size, so its cost is not negligible).
+    ///
+    /// With `WIDEN`, the planes hold the f32 bits of those values instead
+    /// (`T(NF4[q] · scale)` widened back to f32, exactly).
     #[target_feature(enable = "ssse3")]
-    fn planes<T: Element>(scale: f32) -> [__m128i; 4] {
+    fn planes<T: Element, const WIDEN: bool>(scale: f32) -> [__m128i; 4] {
         // Four entries per register: lanes[i] lane j is entry 4i + j as the
         // raw bits of the output (f32 bits, or bf16 bits in the low half).
         let lanes: [__m128i; 4] = match T::DTYPE {
@@ -105,16 +108,28 @@ mod ssse3 {
                     let quiet = _mm_or_si128(_mm_srli_epi32::<16>(x), _mm_set1_epi32(0x40));
                     let abs = _mm_and_si128(x, _mm_set1_epi32(0x7fff_ffff));
                     let nan = _mm_cmpgt_epi32(abs, _mm_set1_epi32(0x7f80_0000));
-                    _mm_or_si128(
+                    let bits = _mm_or_si128(
                         _mm_and_si128(nan, quiet),
                         std::arch::x86_64::_mm_andnot_si128(nan, rounded),
-                    )
+                    );
+                    if WIDEN {
+                        // bf16 → f32 is the same bits in the top half.
+                        _mm_slli_epi32::<16>(bits)
+                    } else {
+                        bits
+                    }
                 }
             }),
             DType::F16 => {
                 // No f16 conversion without F16C; 16 scalar conversions.
-                let lut: [u32; 16] =
-                    std::array::from_fn(|q| T::from_f32(NF4_CODE[q] * scale).to_bits_u32());
+                let lut: [u32; 16] = std::array::from_fn(|q| {
+                    let v = T::from_f32(NF4_CODE[q] * scale);
+                    if WIDEN {
+                        v.to_f32().to_bits()
+                    } else {
+                        v.to_bits_u32()
+                    }
+                });
                 // SAFETY: `lut` has 16 u32 = 64 bytes; each load reads 16.
                 std::array::from_fn(|i| unsafe { _mm_loadu_si128(lut[4 * i..].as_ptr().cast()) })
             }
@@ -182,25 +197,37 @@ mod ssse3 {
         out: &mut [T],
         stream: bool,
     ) -> usize {
+        let chunks = (out.len() / 32).min(packed.len() / 16);
+        if chunks == 0 {
+            return 0;
+        }
+        let p = planes::<T, false>(scale);
         if stream && out.as_ptr().cast::<u8>().align_offset(16) == 0 {
-            expand_with::<T, true>(packed, scale, out)
+            expand_with::<T, true>(packed, &p, out)
         } else {
-            expand_with::<T, false>(packed, scale, out)
+            expand_with::<T, false>(packed, &p, out)
         }
     }
 
+    /// [`expand`] for a weight panel: outputs are `T(NF4[q] · scale)`
+    /// widened to f32, what a matmul over T-rounded weights multiplies.
     #[target_feature(enable = "ssse3")]
-    fn expand_with<T: Element, const STREAM: bool>(
+    pub(super) fn expand_widened<T: Element>(packed: &[u8], scale: f32, out: &mut [f32]) -> usize {
+        let p = planes::<T, true>(scale);
+        expand_with::<f32, false>(packed, &p, out)
+    }
+
+    #[target_feature(enable = "ssse3")]
+    fn expand_with<U: Element, const STREAM: bool>(
         packed: &[u8],
-        scale: f32,
-        out: &mut [T],
+        p: &[__m128i; 4],
+        out: &mut [U],
     ) -> usize {
         let chunks = (out.len() / 32).min(packed.len() / 16);
         if chunks == 0 {
             return 0;
         }
-        let width = std::mem::size_of::<T>();
-        let p = planes::<T>(scale);
+        let width = std::mem::size_of::<U>();
         let out: &mut [u8] = bytemuck::cast_slice_mut(&mut out[..chunks * 32]);
         let (packed, _) = packed[..chunks * 16].as_chunks::<16>();
         for (c, chunk) in packed.iter().enumerate() {
@@ -305,6 +332,65 @@ fn dequantize_with<T: Element>(path: Path, src: &Nf4View<'_>, out: &mut [T]) -> 
     Ok(())
 }
 
+/// Elements `start .. start + out.len()` of `src`, each as `T(NF4[q] · scale)`
+/// widened back to f32: the weights a matmul over `T`-rounded weights
+/// multiplies, for a panel of rows or a strip of columns of a weight matrix.
+/// Single-threaded (callers run one panel per task).
+///
+/// Whole 32-element chunks that start on an even element go through the
+/// SIMD lookup where the CPU has it; the rest element by element.
+///
+/// # Errors
+/// Whatever [`Nf4View::validate`] reports; [`Error::InvalidArgument`] if the
+/// range runs past the tensor.
+pub fn dequantize_range_widened<T: Element>(
+    src: &Nf4View<'_>,
+    start: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    const OP: &str = "nf4 dequantize range (cpu)";
+    src.validate(OP)?;
+    let end = start.checked_add(out.len()).filter(|&e| e <= src.numel);
+    let Some(end) = end else {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "range {start}..{start}+{} runs past the tensor's {} elements",
+                out.len(),
+                src.numel
+            ),
+        ));
+    };
+    let path = Path::best();
+    let bs = src.blocksize;
+    let mut i = start;
+    while i < end {
+        let block = i / bs;
+        let stop = ((block + 1) * bs).min(end);
+        let scale = src.scale(block);
+        let seg = &mut out[i - start..stop - start];
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if let Path::Ssse3 { .. } = path
+            && i.is_multiple_of(2)
+        {
+            // SAFETY: `Path::Ssse3` is only chosen after run-time detection.
+            done = 2 * unsafe { ssse3::expand_widened::<T>(&src.packed[i / 2..], scale, seg) };
+        }
+        if done < seg.len() {
+            let lut: [f32; 16] = std::array::from_fn(|q| T::from_f32(NF4_CODE[q] * scale).to_f32());
+            for (j, v) in seg[done..].iter_mut().enumerate() {
+                let e = i + done + j;
+                let byte = src.packed[e / 2];
+                let q = if e.is_multiple_of(2) { byte >> 4 } else { byte & 0x0f };
+                *v = lut[usize::from(q)];
+            }
+        }
+        i = stop;
+    }
+    Ok(())
+}
+
 /// Dequantize `src` into a new vector.
 ///
 /// # Errors
@@ -394,6 +480,49 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Every range, at every offset parity, equals the widened whole-tensor
+    /// dequantization.
+    fn ranges_agree<T: Element>() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        for (bs, n) in [(32usize, 1000usize), (64, 4097), (256, 3000)] {
+            let packed: Vec<u8> = (0..n.div_ceil(2)).map(|_| rng.random()).collect();
+            let absmax: Vec<f32> = (0..n.div_ceil(bs))
+                .map(|_| rng.random_range(-3.0f32..3.0))
+                .collect();
+            let v = Nf4View {
+                packed: &packed,
+                scales: ScalesView::Plain(&absmax),
+                blocksize: bs,
+                numel: n,
+            };
+            let whole: Vec<f32> = dequantize::<T>(&v)
+                .unwrap()
+                .iter()
+                .map(|x| x.to_f32())
+                .collect();
+            for (start, len) in [(0, n), (1, 100), (31, 97), (64, 64), (n - 33, 33), (5, 0)] {
+                let mut got = vec![f32::NAN; len];
+                dequantize_range_widened::<T>(&v, start, &mut got).unwrap();
+                assert_eq!(
+                    got,
+                    whole[start..start + len],
+                    "{:?} bs={bs} {start}+{len}",
+                    T::DTYPE
+                );
+            }
+            let mut too_long = vec![0.0; 2];
+            let e = dequantize_range_widened::<T>(&v, n - 1, &mut too_long).unwrap_err();
+            assert!(e.to_string().contains("runs past"), "{e}");
+        }
+    }
+
+    #[test]
+    fn ranges_agree_all_dtypes() {
+        ranges_agree::<f32>();
+        ranges_agree::<bf16>();
+        ranges_agree::<f16>();
     }
 
     #[test]

@@ -32,6 +32,7 @@
 use crate::nf4::Nf4View;
 use crate::{Element, Error, Result};
 
+pub mod cpu;
 pub mod kernel;
 
 /// Largest LoRA rank the kernels take (the `x · Aᵀ` tile of a row block is

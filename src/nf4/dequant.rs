@@ -382,7 +382,11 @@ pub fn dequantize_range_widened<T: Element>(
             for (j, v) in seg[done..].iter_mut().enumerate() {
                 let e = i + done + j;
                 let byte = src.packed[e / 2];
-                let q = if e.is_multiple_of(2) { byte >> 4 } else { byte & 0x0f };
+                let q = if e.is_multiple_of(2) {
+                    byte >> 4
+                } else {
+                    byte & 0x0f
+                };
                 *v = lut[usize::from(q)];
             }
         }

@@ -1,6 +1,9 @@
-//! The fused NF4 + LoRA kernels (`kernels/lora_matmul.cu`) under the
-//! simulator, against the independent f64 reference in
-//! `tests/common/lora_ref.rs` with per-element bounds derived there.
+//! The fused NF4 + LoRA linear on every host backend — the kernels
+//! (`kernels/lora_matmul.cu`) under the simulator, the CPU fused path, the
+//! CPU unfused composite, and the `ops` dispatch — against the independent
+//! f64 reference in `tests/common/lora_ref.rs` with per-element bounds
+//! derived there (the bounds hold for any order of the f32 additions, so the
+//! GEMM's blocked order and the kernels' fragment order are both covered).
 //!
 //! Every variant (tile forward on tensor cores / SIMT f32, GEMV forward,
 //! backward dx, dA/dB) runs on every dtype and weight format (dense, NF4
@@ -20,12 +23,14 @@ use half::{bf16, f16};
 use lora_ref::{Problem, assert_within};
 use rand::Rng;
 use tli_kernels::backend::sim;
+use tli_kernels::lora::cpu;
 use tli_kernels::lora::kernel::ForwardVariant;
 use tli_kernels::lora::{
     BackwardArgs, BaseWeight, Dropout, ForwardArgs, Grads, LinearDims, LoraFactors,
 };
 use tli_kernels::nf4::{DoubleQuant, Nf4Tensor, Scales};
-use tli_kernels::{DType, Element, Error};
+use tli_kernels::ops::lora_matmul;
+use tli_kernels::{DType, Device, Element, Error};
 
 /// How the base weight is stored in a case.
 #[derive(Debug, Clone, Copy)]
@@ -161,6 +166,15 @@ fn check_forward<T: Element>(seed: u64, s: Spec, variants: &[ForwardVariant]) {
             .unwrap_or_else(|e| panic!("{label}: {e}"));
         assert_within(&label, &out, &want);
     }
+    let label = format!("forward cpu {} {s:?}", T::DTYPE);
+    let mut out = vec![poison::<T>(); s.m * s.n];
+    lora_matmul::forward(Device::Cpu, &case.args(), &mut out)
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+    assert_within(&label, &out, &want);
+    let label = format!("forward cpu unfused {} {s:?}", T::DTYPE);
+    let mut out = vec![poison::<T>(); s.m * s.n];
+    cpu::forward_unfused(&case.args(), &mut out).unwrap_or_else(|e| panic!("{label}: {e}"));
+    assert_within(&label, &out, &want);
 }
 
 fn check_backward<T: Element>(seed: u64, s: Spec) {
@@ -184,6 +198,21 @@ fn check_backward<T: Element>(seed: u64, s: Spec) {
         db: s.rank.map(|_| &mut db[..]),
     };
     sim::lora_backward(&args, grads).unwrap_or_else(|e| panic!("{label}: {e}"));
+    assert_within(&format!("{label} dx"), &dx, &p.dx(&dyf));
+    if s.rank.is_some() {
+        assert_within(&format!("{label} dA"), &da, &p.da(&dyf));
+        assert_within(&format!("{label} dB"), &db, &p.db(&dyf));
+    }
+    let label = format!("backward cpu {} {s:?}", T::DTYPE);
+    for g in [&mut dx, &mut da, &mut db] {
+        g.fill(poison::<T>());
+    }
+    let grads = Grads {
+        dx: Some(&mut dx),
+        da: s.rank.map(|_| &mut da[..]),
+        db: s.rank.map(|_| &mut db[..]),
+    };
+    lora_matmul::backward(Device::Cpu, &args, grads).unwrap_or_else(|e| panic!("{label}: {e}"));
     assert_within(&format!("{label} dx"), &dx, &p.dx(&dyf));
     if s.rank.is_some() {
         assert_within(&format!("{label} dA"), &da, &p.da(&dyf));
@@ -431,4 +460,68 @@ fn bad_inputs_are_errors_before_any_launch() {
     assert!(matches!(e, Error::InvalidArgument { .. }), "{e}");
     // An f32 run must not be confused with another dtype's kernels.
     assert_eq!(<f32 as Element>::DTYPE, DType::F32);
+}
+
+#[test]
+fn bad_inputs_are_errors_on_every_host_device() {
+    let spec = Spec {
+        m: 4,
+        n: 8,
+        k: 16,
+        rank: Some(4),
+        w: WFormat::Nf4(32),
+        bias: false,
+        dropout: None,
+    };
+    let case = Case::<f32>::new(950, spec);
+    let args = case.args();
+    for dev in [Device::Cpu, Device::Sim] {
+        let mut out = vec![0.0f32; 31];
+        let e = lora_matmul::forward(dev, &args, &mut out).unwrap_err();
+        assert!(
+            e.to_string().contains("output [M, N]") && e.to_string().contains("31"),
+            "{dev}: {e}"
+        );
+        let mut out = vec![0.0f32; 32];
+        let short_b = &case.b[..case.b.len() - 1];
+        let bad = ForwardArgs {
+            lora: Some(LoraFactors {
+                a: &case.a,
+                b: short_b,
+                rank: 4,
+                scale: 1.0,
+            }),
+            ..args
+        };
+        let e = lora_matmul::forward(dev, &bad, &mut out)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("lora_B [N=8, r=4]") && e.contains("31 values"),
+            "{dev}: {e}"
+        );
+        let e = cpu::forward_unfused(&bad, &mut out)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lora_B"), "{e}");
+        let dy = vec![0.0f32; 31];
+        let e = lora_matmul::backward(
+            dev,
+            &BackwardArgs { fwd: args, dy: &dy },
+            Grads {
+                dx: None,
+                da: None,
+                db: None,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("dy [M=4, N=8]"), "{dev}: {e}");
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let mut out = vec![0.0f32; 32];
+        let e = lora_matmul::forward(Device::Cuda, &args, &mut out).unwrap_err();
+        assert!(matches!(e, Error::NoCudaDevice { .. }), "{e}");
+    }
 }

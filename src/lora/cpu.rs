@@ -1,0 +1,527 @@
+//! The fused NF4 + LoRA linear on the CPU: forward and backward, with the
+//! large products on the `gemm` crate (the one candle's CPU backend uses).
+//!
+//! Forward, one task per panel of `PANEL` rows of `W` (output columns):
+//!
+//! ```text
+//!   x (f32, [M,K], read by every panel)     u = s·ks·x̃·Aᵀ  (f32 [M,r], once)
+//!           │                                        │
+//!   W rows n0..n1 ─ decode ─► Wp (f32 [nb,K], in cache, T-rounded values)
+//!           │                                        │
+//!   y_p[M,nb] = x·Wpᵀ  ──►  y_p += u·B[n0..n1]ᵀ  ──►  + bias ──► T
+//! ```
+//!
+//! `W` is decoded one panel at a time (64 rows × K f32 is 1 MiB at
+//! K = 4096, an L2's worth) and used while it is hot; the dequantized matrix
+//! never exists whole. The unfused composite ([`forward_unfused`], kept as
+//! the bench's baseline) materialises `deq(W)` in `T`, widens it, and runs the
+//! three products and the sum as separate passes.
+//!
+//! Backward, one task per strip of `PANEL` columns of `W` (columns of `dx`):
+//! `dx[:, k0..k1] = dy · W[:, k0..k1] + mask ⊙ (s·ks·g · A[:, k0..k1])` with
+//! `g = dy·B`, so no transposed `W` is stored either; `dA` and `dB` are two
+//! small products (rank ≤ 64).
+//!
+//! Numerics are the contract's ([`crate::lora`]): weights `T(NF4[q]·scale)`,
+//! f32 accumulation (in the GEMM's own order), f32 intermediates, one
+//! rounding to `T`. Dropout zeroes `x` where [`dropout_keep`] says so and
+//! scales the f32 LoRA sum by `ks = 1/(1−p)`, as the kernels do.
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::{
+    BackwardArgs, BaseWeight, Dropout, ForwardArgs, Grads, LinearDims, LoraFactors, dropout_keep,
+};
+use crate::nf4::dequant::{dequantize_into, dequantize_range_widened};
+use crate::{Element, Error, Result};
+
+/// Rows of `W` per forward task, columns of `W` per backward task.
+const PANEL: usize = 64;
+
+/// A strided f32 matrix: element `(i, j)` at `i·rs + j·cs`.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transpose (no copy).
+    fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+
+    fn fits(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst[m,n] = (accumulate ? dst : 0) + beta · lhs[m,k] · rhs[k,n]`, `dst`
+/// row-major with row stride `dst_rs`.
+fn gemm_f32(
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: Mat<'_>,
+    rhs: Mat<'_>,
+    accumulate: bool,
+    beta: f32,
+    par: Parallelism,
+) -> Result<()> {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    let dst_fits = m == 0 || n == 0 || (m - 1) * dst_rs + n <= dst.len();
+    if rhs.rows != k || !lhs.fits() || !rhs.fits() || !dst_fits {
+        return Err(Error::invalid(
+            "lora (cpu)",
+            format!(
+                "internal: product [{m}x{k}]·[{}x{n}] does not fit its buffers",
+                rhs.rows
+            ),
+        ));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    // SAFETY: every element the product reads, `lhs[i·rs + l·cs]` for i < m,
+    // l < k, and `rhs[...]` likewise, is inside its slice (`fits`), and every
+    // element it writes, `dst[i·dst_rs + j]` for i < m, j < n, is inside
+    // `dst`, which is exclusively borrowed; the strides are below isize::MAX
+    // because they index into live allocations. With `accumulate` false,
+    // `dst` is only written (gemm does not read it), so its prior contents
+    // do not matter.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    Ok(())
+}
+
+fn widen<T: Element>(v: &[T]) -> Vec<f32> {
+    v.par_iter()
+        .with_min_len(4096)
+        .map(|x| x.to_f32())
+        .collect()
+}
+
+/// Rows `n0..n1` of `W` as f32 (`T`-rounded values), into `out`.
+fn weight_rows<T: Element>(
+    w: &BaseWeight<'_, T>,
+    k: usize,
+    n0: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    match w {
+        BaseWeight::Nf4(v) => dequantize_range_widened::<T>(v, n0 * k, out),
+        BaseWeight::Dense(d) => {
+            for (o, x) in out.iter_mut().zip(&d[n0 * k..]) {
+                *o = x.to_f32();
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `x̃` (dropout applied, not yet scaled by `ks`) as f32, or `None` when no
+/// element is dropped.
+fn dropped_x(x: &[f32], k: usize, dropout: Option<Dropout>) -> Option<Vec<f32>> {
+    let d = dropout.filter(|d| d.p > 0.0)?;
+    let t = d.threshold();
+    Some(
+        x.par_chunks(k)
+            .enumerate()
+            .flat_map_iter(|(m, row)| {
+                row.iter().enumerate().map(move |(j, &v)| {
+                    if dropout_keep(d.seed, (m * k + j) as u64, t) {
+                        v
+                    } else {
+                        0.0
+                    }
+                })
+            })
+            .collect(),
+    )
+}
+
+fn keep_scale(dropout: Option<Dropout>) -> f32 {
+    dropout
+        .filter(|d| d.p > 0.0)
+        .map_or(1.0, |d| d.keep_scale())
+}
+
+/// The LoRA factors widened, with `s·ks` folded into one f32 factor.
+struct WideLora {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    rank: usize,
+    scale: f32,
+}
+
+fn wide_lora<T: Element>(l: &LoraFactors<'_, T>) -> WideLora {
+    WideLora {
+        a: widen(l.a),
+        b: widen(l.b),
+        rank: l.rank,
+        scale: l.scale,
+    }
+}
+
+/// Forward: `out = T(x·Wᵀ + s·(x̃·Aᵀ)·Bᵀ + bias)`.
+///
+/// # Errors
+/// Whatever [`ForwardArgs::validate`] reports; [`Error::ShapeMismatch`] if
+/// `out` is not `M·N` long.
+pub fn forward<T: Element>(args: &ForwardArgs<'_, T>, out: &mut [T]) -> Result<()> {
+    const OP: &str = "lora forward (cpu)";
+    args.validate(OP)?;
+    if out.len() != args.out_len() {
+        return Err(Error::shape(OP, "output [M, N]", args.out_len(), out.len()));
+    }
+    let LinearDims { m, n, k } = args.dims;
+    let x = widen(args.x);
+    // u = s·ks·x̃·Aᵀ, once for all panels.
+    let lora = args.lora.as_ref().map(wide_lora);
+    let u = match &lora {
+        Some(l) => {
+            let xd = dropped_x(&x, k, args.dropout);
+            let src = xd.as_deref().unwrap_or(&x);
+            let mut u = vec![0.0f32; m * l.rank];
+            let beta = l.scale * keep_scale(args.dropout);
+            gemm_f32(
+                &mut u,
+                l.rank,
+                Mat::rows(src, m, k),
+                Mat::rows(&l.a, l.rank, k).t(),
+                false,
+                beta,
+                Parallelism::Rayon(0),
+            )?;
+            Some(u)
+        }
+        None => None,
+    };
+    let bias = args.bias.map(widen);
+
+    let panels: Vec<(usize, usize)> = (0..n)
+        .step_by(PANEL)
+        .map(|n0| (n0, (n0 + PANEL).min(n)))
+        .collect();
+    let results: Vec<Vec<f32>> = panels
+        .par_iter()
+        .map(|&(n0, n1)| -> Result<Vec<f32>> {
+            let nb = n1 - n0;
+            let mut wp = vec![0.0f32; nb * k];
+            weight_rows(&args.weight, k, n0, &mut wp)?;
+            let mut yp = vec![0.0f32; m * nb];
+            gemm_f32(
+                &mut yp,
+                nb,
+                Mat::rows(&x, m, k),
+                Mat::rows(&wp, nb, k).t(),
+                false,
+                1.0,
+                Parallelism::None,
+            )?;
+            if let (Some(l), Some(u)) = (&lora, &u) {
+                let r = l.rank;
+                gemm_f32(
+                    &mut yp,
+                    nb,
+                    Mat::rows(u, m, r),
+                    Mat::rows(&l.b[n0 * r..n1 * r], nb, r).t(),
+                    true,
+                    1.0,
+                    Parallelism::None,
+                )?;
+            }
+            if let Some(b) = &bias {
+                for row in yp.chunks_mut(nb) {
+                    for (y, &bv) in row.iter_mut().zip(&b[n0..n1]) {
+                        *y += bv;
+                    }
+                }
+            }
+            Ok(yp)
+        })
+        .collect::<Result<_>>()?;
+
+    // Rows of `out` gather their pieces from every panel, rounding once.
+    out.par_chunks_mut(n).enumerate().for_each(|(row, o)| {
+        for (&(n0, n1), yp) in panels.iter().zip(&results) {
+            let nb = n1 - n0;
+            for (dst, &v) in o[n0..n1].iter_mut().zip(&yp[row * nb..(row + 1) * nb]) {
+                *dst = T::from_f32(v);
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The unfused composite the fused path replaces (the bench's baseline):
+/// dequantize all of `W` to `T`, widen it, then `x·Wᵀ`, `x̃·Aᵀ`, `(·)·Bᵀ`
+/// and the sum as separate whole-matrix passes. Same numerics as
+/// [`forward`] up to the order of f32 additions.
+///
+/// # Errors
+/// As [`forward`].
+pub fn forward_unfused<T: Element>(args: &ForwardArgs<'_, T>, out: &mut [T]) -> Result<()> {
+    const OP: &str = "lora forward unfused (cpu)";
+    args.validate(OP)?;
+    if out.len() != args.out_len() {
+        return Err(Error::shape(OP, "output [M, N]", args.out_len(), out.len()));
+    }
+    let LinearDims { m, n, k } = args.dims;
+    let w: Vec<f32> = match &args.weight {
+        BaseWeight::Nf4(v) => {
+            let mut wt = vec![T::from_f32(0.0); n * k];
+            dequantize_into(v, &mut wt)?;
+            widen(&wt)
+        }
+        BaseWeight::Dense(d) => widen(d),
+    };
+    let x = widen(args.x);
+    let mut y = vec![0.0f32; m * n];
+    gemm_f32(
+        &mut y,
+        n,
+        Mat::rows(&x, m, k),
+        Mat::rows(&w, n, k).t(),
+        false,
+        1.0,
+        Parallelism::Rayon(0),
+    )?;
+    if let Some(l) = args.lora.as_ref().map(wide_lora) {
+        let xd = dropped_x(&x, k, args.dropout);
+        let src = xd.as_deref().unwrap_or(&x);
+        let mut u = vec![0.0f32; m * l.rank];
+        gemm_f32(
+            &mut u,
+            l.rank,
+            Mat::rows(src, m, k),
+            Mat::rows(&l.a, l.rank, k).t(),
+            false,
+            1.0,
+            Parallelism::Rayon(0),
+        )?;
+        let mut v = vec![0.0f32; m * n];
+        gemm_f32(
+            &mut v,
+            n,
+            Mat::rows(&u, m, l.rank),
+            Mat::rows(&l.b, n, l.rank).t(),
+            false,
+            1.0,
+            Parallelism::Rayon(0),
+        )?;
+        let s = l.scale * keep_scale(args.dropout);
+        y.par_iter_mut().zip(&v).for_each(|(y, &v)| *y += s * v);
+    }
+    if let Some(b) = args.bias.map(widen) {
+        y.par_chunks_mut(n).for_each(|row| {
+            for (y, &bv) in row.iter_mut().zip(&b) {
+                *y += bv;
+            }
+        });
+    }
+    out.par_iter_mut()
+        .zip(&y)
+        .for_each(|(o, &v)| *o = T::from_f32(v));
+    Ok(())
+}
+
+/// Backward: `dx`, `dA`, `dB` (whichever `grads` asks for); see
+/// [`crate::lora`] for the formulas.
+///
+/// # Errors
+/// Whatever [`BackwardArgs::validate`] reports.
+pub fn backward<T: Element>(args: &BackwardArgs<'_, T>, grads: Grads<'_, T>) -> Result<()> {
+    const OP: &str = "lora backward (cpu)";
+    args.validate(OP, &grads)?;
+    let fwd = &args.fwd;
+    let LinearDims { m, n, k } = fwd.dims;
+    let dy = widen(args.dy);
+    let lora = fwd.lora.as_ref().map(wide_lora);
+    let ks = keep_scale(fwd.dropout);
+    let drop = fwd.dropout.filter(|d| d.p > 0.0);
+
+    // g = dy·B [M, r], scaled by s (the factor every use of g carries).
+    let g = match &lora {
+        Some(l) => {
+            let mut g = vec![0.0f32; m * l.rank];
+            gemm_f32(
+                &mut g,
+                l.rank,
+                Mat::rows(&dy, m, n),
+                Mat::rows(&l.b, n, l.rank),
+                false,
+                l.scale,
+                Parallelism::Rayon(0),
+            )?;
+            Some(g)
+        }
+        None => None,
+    };
+
+    if let Some(dx_out) = grads.dx {
+        let strips: Vec<(usize, usize)> = (0..k)
+            .step_by(PANEL)
+            .map(|k0| (k0, (k0 + PANEL).min(k)))
+            .collect();
+        let results: Vec<Vec<f32>> = strips
+            .par_iter()
+            .map(|&(k0, k1)| -> Result<Vec<f32>> {
+                let kb = k1 - k0;
+                // W[:, k0..k1] as [N, kb], one row segment at a time.
+                let mut ws = vec![0.0f32; n * kb];
+                for (row, seg) in ws.chunks_mut(kb).enumerate() {
+                    match &fwd.weight {
+                        BaseWeight::Nf4(v) => dequantize_range_widened::<T>(v, row * k + k0, seg)?,
+                        BaseWeight::Dense(d) => {
+                            for (o, x) in seg.iter_mut().zip(&d[row * k + k0..row * k + k1]) {
+                                *o = x.to_f32();
+                            }
+                        }
+                    }
+                }
+                let mut dxs = vec![0.0f32; m * kb];
+                gemm_f32(
+                    &mut dxs,
+                    kb,
+                    Mat::rows(&dy, m, n),
+                    Mat::rows(&ws, n, kb),
+                    false,
+                    1.0,
+                    Parallelism::None,
+                )?;
+                if let (Some(l), Some(g)) = (&lora, &g) {
+                    let r = l.rank;
+                    // h = (s·g)·A[:, k0..k1], then masked and scaled by ks.
+                    let mut h = vec![0.0f32; m * kb];
+                    let a_strip = Mat {
+                        data: &l.a[k0..],
+                        rows: r,
+                        cols: kb,
+                        rs: k,
+                        cs: 1,
+                    };
+                    gemm_f32(
+                        &mut h,
+                        kb,
+                        Mat::rows(g, m, r),
+                        a_strip,
+                        false,
+                        1.0,
+                        Parallelism::None,
+                    )?;
+                    for (i, (d, hv)) in dxs.iter_mut().zip(&h).enumerate() {
+                        let (row, j) = (i / kb, i % kb);
+                        let keep = drop.is_none_or(|dr| {
+                            dropout_keep(dr.seed, (row * k + k0 + j) as u64, dr.threshold())
+                        });
+                        if keep {
+                            *d += ks * hv;
+                        }
+                    }
+                }
+                Ok(dxs)
+            })
+            .collect::<Result<_>>()?;
+        dx_out.par_chunks_mut(k).enumerate().for_each(|(row, o)| {
+            for (&(k0, k1), s) in strips.iter().zip(&results) {
+                let kb = k1 - k0;
+                for (dst, &v) in o[k0..k1].iter_mut().zip(&s[row * kb..(row + 1) * kb]) {
+                    *dst = T::from_f32(v);
+                }
+            }
+        });
+    }
+
+    if let (Some(l), Some(g)) = (&lora, &g) {
+        let r = l.rank;
+        let x = widen(fwd.x);
+        let xd = dropped_x(&x, k, fwd.dropout);
+        let xt = xd.as_deref().unwrap_or(&x);
+        if let Some(da) = grads.da {
+            // dA = ks · (s·g)ᵀ · x̃   [r, K]
+            let mut acc = vec![0.0f32; r * k];
+            gemm_f32(
+                &mut acc,
+                k,
+                Mat::rows(g, m, r).t(),
+                Mat::rows(xt, m, k),
+                false,
+                ks,
+                Parallelism::Rayon(0),
+            )?;
+            da.par_iter_mut()
+                .zip(&acc)
+                .for_each(|(o, &v)| *o = T::from_f32(v));
+        }
+        if let Some(db) = grads.db {
+            // u = ks·x̃·Aᵀ [M, r];  dB = s · dyᵀ · u   [N, r]
+            let mut u = vec![0.0f32; m * r];
+            gemm_f32(
+                &mut u,
+                r,
+                Mat::rows(xt, m, k),
+                Mat::rows(&l.a, r, k).t(),
+                false,
+                ks,
+                Parallelism::Rayon(0),
+            )?;
+            let mut acc = vec![0.0f32; n * r];
+            gemm_f32(
+                &mut acc,
+                r,
+                Mat::rows(&dy, m, n).t(),
+                Mat::rows(&u, m, r),
+                false,
+                l.scale,
+                Parallelism::Rayon(0),
+            )?;
+            db.par_iter_mut()
+                .zip(&acc)
+                .for_each(|(o, &v)| *o = T::from_f32(v));
+        }
+    }
+    Ok(())
+}

@@ -57,3 +57,46 @@ pub fn measure_copy_bandwidth(bytes: usize, reps: usize) -> f64 {
     }
     (2 * n * 8) as f64 / best.as_secs_f64()
 }
+
+/// Measure this machine's f32 matrix-multiply rate (flop/s) with the `gemm`
+/// crate on all threads: the best of `reps` products of two `n`×`n`
+/// matrices. This is the practical compute ceiling of the CPU paths, which
+/// multiply in f32 on the same crate (a vendor peak would overstate it).
+pub fn measure_cpu_gemm_flops(n: usize, reps: usize) -> f64 {
+    let a: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.25).collect();
+    let b: Vec<f32> = (0..n * n).map(|i| (i % 5) as f32 * 0.5).collect();
+    let mut c = vec![0.0f32; n * n];
+    let mut best = Duration::MAX;
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        // SAFETY: a, b and c are n·n row-major f32 buffers (row stride n,
+        // column stride 1); every index the product touches is below n·n,
+        // and c is exclusively borrowed for the call.
+        unsafe {
+            gemm::gemm(
+                n,
+                n,
+                n,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                n as isize,
+                b.as_ptr(),
+                1,
+                n as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(0),
+            );
+        }
+        best = best.min(t.elapsed());
+        std::hint::black_box(&c);
+    }
+    2.0 * (n as f64).powi(3) / best.as_secs_f64()
+}

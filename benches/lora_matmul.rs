@@ -1,0 +1,233 @@
+//! The fused NF4 + LoRA linear at Llama-3-8B projection shapes, forward and
+//! backward, against the unfused composite on the same backend.
+//!
+//! Napkin math (bf16 activations, NF4 block size 64 = 0.5625 B/weight,
+//! r = 16): the forward does `2·M·N·K + 2·M·r·(K + N)` flops and must read
+//! `0.5625·N·K` bytes of weight plus `2·M·(K + N)` of activations. Below
+//! M ≈ 83 tokens an H100 is bound by the weight stream, above it by its
+//! tensor cores; a 2-core CPU is compute bound from M ≈ 1 on (the f32 GEMM
+//! rate measured below is its ceiling). Each row prints both floors.
+//!
+//! Run: `cargo bench --bench lora_matmul` (add `--features cuda` on a GPU
+//! machine for the device rows). The M = 4096 rows take minutes on two
+//! cores; filter with e.g. `cargo bench --bench lora_matmul -- "M=16"`.
+
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion};
+use half::bf16;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tli_kernels::lora::cpu;
+use tli_kernels::lora::{
+    BackwardArgs, BaseWeight, ForwardArgs, Grads, LinearDims, LoraFactors, forward_macs,
+};
+use tli_kernels::nf4::{Nf4Tensor, Scales};
+use tli_kernels::roofline::{H100_SXM, measure_copy_bandwidth, measure_cpu_gemm_flops};
+use tli_kernels::{DType, Device};
+
+/// (name, N = out_features, K = in_features) of the Llama-3-8B projections.
+const SHAPES: &[(&str, usize, usize)] = &[
+    ("q_proj 4096x4096", 4096, 4096),
+    ("v_proj 1024x4096", 1024, 4096),
+    ("mlp 14336x4096", 14336, 4096),
+];
+const TOKENS: &[usize] = &[1, 16, 512, 4096];
+const RANK: usize = 16;
+const BLOCKSIZE: usize = 64;
+
+/// A random NF4 weight (random codes and scales: the op's cost does not
+/// depend on the values).
+fn nf4_weight(r: &mut ChaCha8Rng, n: usize, k: usize) -> Nf4Tensor {
+    let numel = n * k;
+    Nf4Tensor {
+        packed: (0..numel.div_ceil(2)).map(|_| r.random()).collect(),
+        scales: Scales::Plain(
+            (0..numel.div_ceil(BLOCKSIZE))
+                .map(|_| r.random_range(0.01f32..0.1))
+                .collect(),
+        ),
+        blocksize: BLOCKSIZE,
+        shape: vec![n, k],
+        dtype: DType::BF16,
+    }
+}
+
+fn random_bf16(r: &mut ChaCha8Rng, len: usize, amp: f32) -> Vec<bf16> {
+    (0..len)
+        .map(|_| bf16::from_f32(r.random_range(-amp..amp)))
+        .collect()
+}
+
+fn fmt_time(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s < 1e-3 {
+        format!("{:.1} us", s * 1e6)
+    } else if s < 1.0 {
+        format!("{:.2} ms", s * 1e3)
+    } else {
+        format!("{s:.2} s")
+    }
+}
+
+struct Machine {
+    copy_bw: f64,
+    gemm_flops: f64,
+}
+
+fn floors(m: &Machine, bytes: f64, flops: f64) -> String {
+    let cpu = (bytes / m.copy_bw).max(flops / m.gemm_flops);
+    format!(
+        "floor {} on {}, {} on this CPU",
+        fmt_time(H100_SXM.floor(bytes, flops)),
+        H100_SXM.name,
+        fmt_time(Duration::from_secs_f64(cpu)),
+    )
+}
+
+fn bench_cpu(c: &mut Criterion, machine: &Machine) {
+    let mut group = c.benchmark_group("lora_matmul/cpu/bf16");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(200))
+        .measurement_time(Duration::from_secs(2));
+    let mut r = ChaCha8Rng::seed_from_u64(7);
+    for &(name, n, k) in SHAPES {
+        let w = nf4_weight(&mut r, n, k);
+        let a = random_bf16(&mut r, RANK * k, 0.05);
+        let b = random_bf16(&mut r, n * RANK, 0.05);
+        for &m in TOKENS {
+            let x = random_bf16(&mut r, m * k, 1.0);
+            let dy = random_bf16(&mut r, m * n, 1.0);
+            let dims = LinearDims { m, n, k };
+            let args = ForwardArgs {
+                dims,
+                x: &x,
+                weight: BaseWeight::Nf4(w.view()),
+                lora: Some(LoraFactors {
+                    a: &a,
+                    b: &b,
+                    rank: RANK,
+                    scale: 2.0,
+                }),
+                bias: None,
+                dropout: None,
+            };
+            let flops = 2.0 * forward_macs(dims, RANK) as f64;
+            let bytes = 0.5625 * (n * k) as f64 + 2.0 * (m * (k + n)) as f64;
+            let label = format!("{name} M={m} r={RANK}");
+            println!(
+                "lora_matmul/cpu/bf16/{label}: {:.1} GFLOP, {:.1} MB; {}",
+                flops / 1e9,
+                bytes / 1e6,
+                floors(machine, bytes, flops)
+            );
+            let mut out = vec![bf16::ZERO; m * n];
+            group.bench_function(BenchmarkId::new("forward fused", &label), |bch| {
+                bch.iter(|| cpu::forward(&args, &mut out).expect("forward"))
+            });
+            group.bench_function(BenchmarkId::new("forward unfused", &label), |bch| {
+                bch.iter(|| cpu::forward_unfused(&args, &mut out).expect("forward unfused"))
+            });
+            // Backward: dx is the same GEMM as the forward, dA and dB add
+            // 2·M·r·(K + N) multiply-adds each way.
+            let mut dx = vec![bf16::ZERO; m * k];
+            let mut da = vec![bf16::ZERO; RANK * k];
+            let mut db = vec![bf16::ZERO; n * RANK];
+            let bwd = BackwardArgs { fwd: args, dy: &dy };
+            group.bench_function(BenchmarkId::new("backward fused", &label), |bch| {
+                bch.iter(|| {
+                    cpu::backward(
+                        &bwd,
+                        Grads {
+                            dx: Some(&mut dx),
+                            da: Some(&mut da),
+                            db: Some(&mut db),
+                        },
+                    )
+                    .expect("backward")
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+#[cfg(feature = "cuda")]
+fn bench_cuda(c: &mut Criterion) {
+    use tli_kernels::backend::cuda::Cuda;
+    let gpu = match Cuda::global() {
+        Ok(g) => g,
+        Err(e) => {
+            println!("lora_matmul/cuda: skipped: {e}");
+            return;
+        }
+    };
+    let mut group = c.benchmark_group(format!("lora_matmul/cuda/{}", gpu.name()));
+    group.sample_size(20);
+    let mut r = ChaCha8Rng::seed_from_u64(7);
+    for &(name, n, k) in SHAPES {
+        let w = nf4_weight(&mut r, n, k);
+        let a = random_bf16(&mut r, RANK * k, 0.05);
+        let b = random_bf16(&mut r, n * RANK, 0.05);
+        for &m in TOKENS {
+            let x = random_bf16(&mut r, m * k, 1.0);
+            let dims = LinearDims { m, n, k };
+            let args = ForwardArgs {
+                dims,
+                x: &x,
+                weight: BaseWeight::Nf4(w.view()),
+                lora: Some(LoraFactors {
+                    a: &a,
+                    b: &b,
+                    rank: RANK,
+                    scale: 2.0,
+                }),
+                bias: None,
+                dropout: None,
+            };
+            let flops = 2.0 * forward_macs(dims, RANK) as f64;
+            let bytes = 0.5625 * (n * k) as f64 + 2.0 * (m * (k + n)) as f64;
+            let label = format!("{name} M={m} r={RANK}");
+            println!(
+                "lora_matmul/cuda/bf16/{label}: floor {} on {} (host-slice API: includes copies)",
+                fmt_time(H100_SXM.floor(bytes, flops)),
+                H100_SXM.name
+            );
+            let mut out = vec![bf16::ZERO; m * n];
+            group.bench_function(
+                BenchmarkId::new("forward fused (host slices)", &label),
+                |bch| {
+                    bch.iter(|| {
+                        tli_kernels::ops::lora_matmul::forward(Device::Cuda, &args, &mut out)
+                            .expect("forward")
+                    })
+                },
+            );
+        }
+    }
+    group.finish();
+}
+
+#[cfg(not(feature = "cuda"))]
+fn bench_cuda(_c: &mut Criterion) {
+    let _ = Device::Cuda;
+    println!("lora_matmul/cuda: skipped: built without the `cuda` feature");
+}
+
+fn main() {
+    let machine = Machine {
+        copy_bw: measure_copy_bandwidth(512 << 20, 5),
+        gemm_flops: measure_cpu_gemm_flops(2048, 3),
+    };
+    println!(
+        "this machine: {} rayon threads, memory copy {:.2} GB/s, f32 GEMM {:.1} GFLOP/s (gemm crate, 2048^3, best of 3)",
+        rayon::current_num_threads(),
+        machine.copy_bw / 1e9,
+        machine.gemm_flops / 1e9
+    );
+    let mut c = Criterion::default().configure_from_args();
+    bench_cpu(&mut c, &machine);
+    bench_cuda(&mut c);
+    c.final_summary();
+}

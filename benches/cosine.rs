@@ -19,7 +19,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tli_kernels::cosine::{self, COSINE_EPS, Hidden, NORMALIZE_EPS, PairOptions, cpu};
 use tli_kernels::ops::cosine::{cosine_matrix, pooled_cosine};
-use tli_kernels::roofline::{H100_SXM, measure_copy_bandwidth};
+use tli_kernels::roofline::{H100_SXM, format_duration, measure_copy_bandwidth};
 use tli_kernels::{DType, Device};
 
 const DIM: usize = 4096;
@@ -38,17 +38,6 @@ fn mask(seed: u64, n: usize, seq: usize) -> Vec<u8> {
     (0..n * seq)
         .map(|i| u8::from(i % seq < 3 || r.random_bool(0.5)))
         .collect()
-}
-
-fn fmt_time(d: Duration) -> String {
-    let s = d.as_secs_f64();
-    if s < 1e-3 {
-        format!("{:.1} us", s * 1e6)
-    } else if s < 1.0 {
-        format!("{:.2} ms", s * 1e3)
-    } else {
-        format!("{s:.2} s")
-    }
 }
 
 /// The unfused composite on the CPU: pool both sides into `[N, D]` f32,
@@ -95,10 +84,10 @@ fn bench_pairs(c: &mut Criterion, copy_bw: f64, label: &str, seq: usize, sizes: 
         println!(
             "cosine/{label}/N={n} (bf16, D={DIM}, seq {seq}): fused reads {:.1} MB; floor {} on {} ({:.2} TB/s), {} on this CPU (copy {:.1} GB/s)",
             bytes as f64 / 1e6,
-            fmt_time(H100_SXM.floor(bytes as f64, 0.0)),
+            format_duration(H100_SXM.floor(bytes as f64, 0.0)),
             H100_SXM.name,
             H100_SXM.bytes_per_s / 1e12,
-            fmt_time(Duration::from_secs_f64(bytes as f64 / copy_bw)),
+            format_duration(Duration::from_secs_f64(bytes as f64 / copy_bw)),
             copy_bw / 1e9,
         );
         let (ha, hb) = (
@@ -136,7 +125,7 @@ fn bench_matrix(c: &mut Criterion) {
             "cosine/matrix/{n}x{n} (bf16, D={DIM}): {:.1} GFLOP, {:.1} MB; floor {} on {} (990 TFLOP/s, 3.35 TB/s)",
             flops / 1e9,
             bytes / 1e6,
-            fmt_time(H100_SXM.floor(bytes, flops)),
+            format_duration(H100_SXM.floor(bytes, flops)),
             H100_SXM.name,
         );
         let (ha, hb) = (Hidden::rows(&a, n, DIM), Hidden::rows(&b, n, DIM));
@@ -181,7 +170,7 @@ mod cuda {
             println!(
                 "cosine/cuda/pairs N={n}: {:.1} MB; floor {} on {}",
                 bytes as f64 / 1e6,
-                fmt_time(H100_SXM.floor(bytes as f64, 0.0)),
+                format_duration(H100_SXM.floor(bytes as f64, 0.0)),
                 H100_SXM.name
             );
             let view = |s| DeviceHidden {

@@ -23,7 +23,9 @@ use tli_kernels::lora::{
     BackwardArgs, BaseWeight, ForwardArgs, Grads, LinearDims, LoraFactors, forward_macs,
 };
 use tli_kernels::nf4::{Nf4Tensor, Scales};
-use tli_kernels::roofline::{H100_SXM, measure_copy_bandwidth, measure_cpu_gemm_flops};
+use tli_kernels::roofline::{
+    H100_SXM, format_duration, measure_copy_bandwidth, measure_cpu_gemm_flops,
+};
 use tli_kernels::{DType, Device};
 
 /// (name, N = out_features, K = in_features) of the Llama-3-8B projections.
@@ -59,14 +61,53 @@ fn random_bf16(r: &mut ChaCha8Rng, len: usize, amp: f32) -> Vec<bf16> {
         .collect()
 }
 
-fn fmt_time(d: Duration) -> String {
-    let s = d.as_secs_f64();
-    if s < 1e-3 {
-        format!("{:.1} us", s * 1e6)
-    } else if s < 1.0 {
-        format!("{:.2} ms", s * 1e3)
-    } else {
-        format!("{s:.2} s")
+/// One benched problem: a projection's weight and LoRA factors, and `M`
+/// tokens of input and output gradient.
+struct Problem {
+    dims: LinearDims,
+    w: Nf4Tensor,
+    a: Vec<bf16>,
+    b: Vec<bf16>,
+    x: Vec<bf16>,
+    dy: Vec<bf16>,
+}
+
+impl Problem {
+    fn new(r: &mut ChaCha8Rng, w: &Nf4Tensor, a: &[bf16], b: &[bf16], m: usize) -> Self {
+        let (n, k) = (w.shape[0], w.shape[1]);
+        Self {
+            dims: LinearDims { m, n, k },
+            w: w.clone(),
+            a: a.to_vec(),
+            b: b.to_vec(),
+            x: random_bf16(r, m * k, 1.0),
+            dy: random_bf16(r, m * n, 1.0),
+        }
+    }
+
+    fn args(&self) -> ForwardArgs<'_, bf16> {
+        ForwardArgs {
+            dims: self.dims,
+            x: &self.x,
+            weight: BaseWeight::Nf4(self.w.view()),
+            lora: Some(LoraFactors {
+                a: &self.a,
+                b: &self.b,
+                rank: RANK,
+                scale: 2.0,
+            }),
+            bias: None,
+            dropout: None,
+        }
+    }
+
+    /// Forward flops, and the bytes the forward must move (NF4 weight,
+    /// bf16 activations in and out).
+    fn cost(&self) -> (f64, f64) {
+        let LinearDims { m, n, k } = self.dims;
+        let flops = 2.0 * forward_macs(self.dims, RANK) as f64;
+        let bytes = 0.5625 * (n * k) as f64 + 2.0 * (m * (k + n)) as f64;
+        (flops, bytes)
     }
 }
 
@@ -79,9 +120,9 @@ fn floors(m: &Machine, bytes: f64, flops: f64) -> String {
     let cpu = (bytes / m.copy_bw).max(flops / m.gemm_flops);
     format!(
         "floor {} on {}, {} on this CPU",
-        fmt_time(H100_SXM.floor(bytes, flops)),
+        format_duration(H100_SXM.floor(bytes, flops)),
         H100_SXM.name,
-        fmt_time(Duration::from_secs_f64(cpu)),
+        format_duration(Duration::from_secs_f64(cpu)),
     )
 }
 
@@ -97,24 +138,9 @@ fn bench_cpu(c: &mut Criterion, machine: &Machine) {
         let a = random_bf16(&mut r, RANK * k, 0.05);
         let b = random_bf16(&mut r, n * RANK, 0.05);
         for &m in TOKENS {
-            let x = random_bf16(&mut r, m * k, 1.0);
-            let dy = random_bf16(&mut r, m * n, 1.0);
-            let dims = LinearDims { m, n, k };
-            let args = ForwardArgs {
-                dims,
-                x: &x,
-                weight: BaseWeight::Nf4(w.view()),
-                lora: Some(LoraFactors {
-                    a: &a,
-                    b: &b,
-                    rank: RANK,
-                    scale: 2.0,
-                }),
-                bias: None,
-                dropout: None,
-            };
-            let flops = 2.0 * forward_macs(dims, RANK) as f64;
-            let bytes = 0.5625 * (n * k) as f64 + 2.0 * (m * (k + n)) as f64;
+            let p = Problem::new(&mut r, &w, &a, &b, m);
+            let args = p.args();
+            let (flops, bytes) = p.cost();
             let label = format!("{name} M={m} r={RANK}");
             println!(
                 "lora_matmul/cpu/bf16/{label}: {:.1} GFLOP, {:.1} MB; {}",
@@ -134,7 +160,10 @@ fn bench_cpu(c: &mut Criterion, machine: &Machine) {
             let mut dx = vec![bf16::ZERO; m * k];
             let mut da = vec![bf16::ZERO; RANK * k];
             let mut db = vec![bf16::ZERO; n * RANK];
-            let bwd = BackwardArgs { fwd: args, dy: &dy };
+            let bwd = BackwardArgs {
+                fwd: args,
+                dy: &p.dy,
+            };
             group.bench_function(BenchmarkId::new("backward fused", &label), |bch| {
                 bch.iter(|| {
                     cpu::backward(
@@ -171,27 +200,13 @@ fn bench_cuda(c: &mut Criterion) {
         let a = random_bf16(&mut r, RANK * k, 0.05);
         let b = random_bf16(&mut r, n * RANK, 0.05);
         for &m in TOKENS {
-            let x = random_bf16(&mut r, m * k, 1.0);
-            let dims = LinearDims { m, n, k };
-            let args = ForwardArgs {
-                dims,
-                x: &x,
-                weight: BaseWeight::Nf4(w.view()),
-                lora: Some(LoraFactors {
-                    a: &a,
-                    b: &b,
-                    rank: RANK,
-                    scale: 2.0,
-                }),
-                bias: None,
-                dropout: None,
-            };
-            let flops = 2.0 * forward_macs(dims, RANK) as f64;
-            let bytes = 0.5625 * (n * k) as f64 + 2.0 * (m * (k + n)) as f64;
+            let p = Problem::new(&mut r, &w, &a, &b, m);
+            let args = p.args();
+            let (flops, bytes) = p.cost();
             let label = format!("{name} M={m} r={RANK}");
             println!(
                 "lora_matmul/cuda/bf16/{label}: floor {} on {} (host-slice API: includes copies)",
-                fmt_time(H100_SXM.floor(bytes, flops)),
+                format_duration(H100_SXM.floor(bytes, flops)),
                 H100_SXM.name
             );
             let mut out = vec![bf16::ZERO; m * n];

@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tli_kernels::nf4::quantize::{QuantizeOptions, quantize};
 use tli_kernels::nf4::{Nf4Tensor, dequant, dequant_traffic_bytes};
-use tli_kernels::roofline::{H100_SXM, measure_copy_bandwidth};
+use tli_kernels::roofline::{H100_SXM, format_duration, measure_copy_bandwidth};
 use tli_kernels::{DType, Element};
 
 /// (name, out_features, in_features) of the Llama-3-8B projections.
@@ -38,15 +38,6 @@ fn weight(rows: usize, cols: usize, double_quant: bool) -> Nf4Tensor {
     quantize(&data, &[rows, cols], DType::BF16, opts).expect("quantize bench weight")
 }
 
-fn fmt_time(d: Duration) -> String {
-    let s = d.as_secs_f64();
-    if s < 1e-3 {
-        format!("{:.1} us", s * 1e6)
-    } else {
-        format!("{:.2} ms", s * 1e3)
-    }
-}
-
 fn bench_cpu<T: Element>(c: &mut Criterion, copy_bw: f64) {
     let mut group = c.benchmark_group(format!("nf4_dequant/cpu/{}", T::DTYPE));
     group
@@ -63,10 +54,10 @@ fn bench_cpu<T: Element>(c: &mut Criterion, copy_bw: f64) {
                 "nf4_dequant/cpu/{}/{label}: {:.1} MB moved; floor {} on {} ({:.2} TB/s), {} on this CPU (copy {:.1} GB/s)",
                 T::DTYPE,
                 bytes as f64 / 1e6,
-                fmt_time(H100_SXM.floor(bytes as f64, 0.0)),
+                format_duration(H100_SXM.floor(bytes as f64, 0.0)),
                 H100_SXM.name,
                 H100_SXM.bytes_per_s / 1e12,
-                fmt_time(Duration::from_secs_f64(bytes as f64 / copy_bw)),
+                format_duration(Duration::from_secs_f64(bytes as f64 / copy_bw)),
                 copy_bw / 1e9,
             );
             group.throughput(Throughput::Bytes(bytes as u64));
@@ -113,7 +104,7 @@ mod cuda {
                 println!(
                     "nf4_dequant/cuda/bf16/{label}: {:.1} MB moved; floor {} on {}",
                     bytes as f64 / 1e6,
-                    fmt_time(H100_SXM.floor(bytes as f64, 0.0)),
+                    format_duration(H100_SXM.floor(bytes as f64, 0.0)),
                     H100_SXM.name,
                 );
                 let dev = gpu.upload_nf4(&w.view()).expect("upload");

@@ -100,3 +100,16 @@ pub fn measure_cpu_gemm_flops(n: usize, reps: usize) -> f64 {
     }
     2.0 * (n as f64).powi(3) / best.as_secs_f64()
 }
+
+/// A duration as benches print it: µs below a millisecond, ms below a
+/// second, s above (`"12.8 us"`, `"1.57 ms"`, `"4.90 s"`).
+pub fn format_duration(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s < 1e-3 {
+        format!("{:.1} us", s * 1e6)
+    } else if s < 1.0 {
+        format!("{:.2} ms", s * 1e3)
+    } else {
+        format!("{s:.2} s")
+    }
+}

@@ -12,7 +12,8 @@
 //! ```
 //!
 //! `W` is decoded one panel at a time (64 rows × K f32 is 1 MiB at
-//! K = 4096, an L2's worth) and used while it is hot; the dequantized matrix
+//! K = 4096, an L2's worth; 256 rows when `M ≥ 256`, see [`WIDE_PANEL`]) and
+//! used while it is hot; the dequantized matrix
 //! never exists whole. The unfused composite ([`forward_unfused`], kept as
 //! the bench's baseline) materialises `deq(W)` in `T`, widens it, and runs the
 //! three products and the sum as separate passes.
@@ -36,8 +37,22 @@ use super::{
 use crate::nf4::dequant::{dequantize_into, dequantize_range_widened};
 use crate::{Element, Error, Result};
 
-/// Rows of `W` per forward task, columns of `W` per backward task.
+/// Rows of `W` per forward task, columns of `W` per backward task, for
+/// small `M`: 64 × K f32 is 1 MiB at K = 4096, about an L2, so the decoded
+/// panel is still hot when the product reads it.
 const PANEL: usize = 64;
+
+/// The panel width for large `M`. Each panel's product packs all of `x`
+/// (forward) or `dy` (backward) again, `M·K` values per panel, so with many
+/// rows that repacking, not the decode, becomes the overhead; wider panels
+/// divide it by four, and the GEMM blocks the wider panel for its caches
+/// itself.
+const WIDE_PANEL: usize = 256;
+
+/// The panel width for `m` rows of `x`.
+fn panel_width(m: usize) -> usize {
+    if m >= WIDE_PANEL { WIDE_PANEL } else { PANEL }
+}
 
 /// A strided f32 matrix: element `(i, j)` at `i·rs + j·cs`.
 #[derive(Clone, Copy)]
@@ -241,9 +256,10 @@ pub fn forward<T: Element>(args: &ForwardArgs<'_, T>, out: &mut [T]) -> Result<(
     };
     let bias = args.bias.map(widen);
 
+    let width = panel_width(m);
     let panels: Vec<(usize, usize)> = (0..n)
-        .step_by(PANEL)
-        .map(|n0| (n0, (n0 + PANEL).min(n)))
+        .step_by(width)
+        .map(|n0| (n0, (n0 + width).min(n)))
         .collect();
     let results: Vec<Vec<f32>> = panels
         .par_iter()
@@ -402,9 +418,10 @@ pub fn backward<T: Element>(args: &BackwardArgs<'_, T>, grads: Grads<'_, T>) -> 
     };
 
     if let Some(dx_out) = grads.dx {
+        let width = panel_width(m);
         let strips: Vec<(usize, usize)> = (0..k)
-            .step_by(PANEL)
-            .map(|k0| (k0, (k0 + PANEL).min(k)))
+            .step_by(width)
+            .map(|k0| (k0, (k0 + width).min(k)))
             .collect();
         let results: Vec<Vec<f32>> = strips
             .par_iter()

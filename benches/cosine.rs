@@ -166,17 +166,17 @@ fn bench_matrix(c: &mut Criterion) {
     group.finish();
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(tli_cuda)]
 fn bench_cuda(c: &mut Criterion) {
     cuda::bench(c);
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(tli_cuda))]
 fn bench_cuda(_c: &mut Criterion) {
     println!("cosine/cuda: skipped: built without the `cuda` feature");
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(tli_cuda)]
 mod cuda {
     use super::*;
     use tli_kernels::backend::cuda::{Cuda, DeviceHidden};

@@ -182,7 +182,7 @@ fn bench_cpu(c: &mut Criterion, machine: &Machine) {
     group.finish();
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(tli_cuda)]
 fn bench_cuda(c: &mut Criterion) {
     use tli_kernels::backend::cuda::Cuda;
     let gpu = match Cuda::global() {
@@ -224,7 +224,7 @@ fn bench_cuda(c: &mut Criterion) {
     group.finish();
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(tli_cuda))]
 fn bench_cuda(_c: &mut Criterion) {
     let _ = Device::Cuda;
     println!("lora_matmul/cuda: skipped: built without the `cuda` feature");

@@ -569,8 +569,7 @@ fn from_storage(storage: Storage, shape: impl Into<Shape>) -> Tensor {
 mod cuda {
     use std::sync::{Arc, Weak};
 
-    use candle_core::backend::BackendStorage as _;
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
     use candle_core::cuda_backend::{CudaDType, CudaStorage};
     use candle_core::{Layout, Shape, Storage, Tensor};
 
@@ -645,7 +644,11 @@ mod cuda {
         if a == 0 && b == slice.len() {
             return Ok(None);
         }
-        let copy = s.device.cuda_stream().clone_dtod(&slice.slice(a..b))?;
+        let copy = s
+            .device
+            .cuda_stream()
+            .clone_dtod(&slice.slice(a..b))
+            .map_err(candle_core::Error::wrap)?;
         Ok(Some(copy))
     }
 
@@ -672,7 +675,7 @@ mod cuda {
 
     type Operand<'a> = (&'a CudaStorage, &'a Layout);
 
-    pub(super) fn forward<T: Element + CudaDType + DeviceRepr>(
+    pub(super) fn forward<T: Element + CudaDType + DeviceRepr + ValidAsZeroBits>(
         op: &FusedLinear,
         x: Operand<'_>,
         ab: Option<(Operand<'_>, Operand<'_>)>,
@@ -734,7 +737,7 @@ mod cuda {
         ))
     }
 
-    pub(super) fn backward<T: Element + CudaDType + DeviceRepr>(
+    pub(super) fn backward<T: Element + CudaDType + DeviceRepr + ValidAsZeroBits>(
         op: &FusedLinear,
         x: &Tensor,
         ab: Option<(&Tensor, &Tensor)>,

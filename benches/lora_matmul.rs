@@ -177,6 +177,19 @@ fn bench_cpu(c: &mut Criterion, machine: &Machine) {
                     .expect("backward")
                 })
             });
+            group.bench_function(BenchmarkId::new("backward unfused", &label), |bch| {
+                bch.iter(|| {
+                    cpu::backward_unfused(
+                        &bwd,
+                        Grads {
+                            dx: Some(&mut dx),
+                            da: Some(&mut da),
+                            db: Some(&mut db),
+                        },
+                    )
+                    .expect("backward unfused")
+                })
+            });
         }
     }
     group.finish();

@@ -222,6 +222,21 @@ fn check_backward<T: Element>(seed: u64, s: Spec, sim: bool) {
         assert_within(&format!("{label} dA"), &da, &p.da(&dyf));
         assert_within(&format!("{label} dB"), &db, &p.db(&dyf));
     }
+    let label = format!("backward cpu unfused {} {s:?}", T::DTYPE);
+    for g in [&mut dx, &mut da, &mut db] {
+        g.fill(poison::<T>());
+    }
+    let grads = Grads {
+        dx: Some(&mut dx),
+        da: s.rank.map(|_| &mut da[..]),
+        db: s.rank.map(|_| &mut db[..]),
+    };
+    cpu::backward_unfused(&args, grads).unwrap_or_else(|e| panic!("{label}: {e}"));
+    assert_within(&format!("{label} dx"), &dx, &p.dx(&dyf));
+    if s.rank.is_some() {
+        assert_within(&format!("{label} dA"), &da, &p.da(&dyf));
+        assert_within(&format!("{label} dB"), &db, &p.db(&dyf));
+    }
 }
 
 /// M, N, K, rank, bias, dropout p.

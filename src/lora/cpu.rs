@@ -493,52 +493,151 @@ pub fn backward<T: Element>(args: &BackwardArgs<'_, T>, grads: Grads<'_, T>) -> 
     }
 
     if let (Some(l), Some(g)) = (&lora, &g) {
-        let r = l.rank;
-        let x = widen(fwd.x);
-        let xd = dropped_x(&x, k, fwd.dropout);
-        let xt = xd.as_deref().unwrap_or(&x);
-        if let Some(da) = grads.da {
-            // dA = ks · (s·g)ᵀ · x̃   [r, K]
-            let mut acc = vec![0.0f32; r * k];
+        factor_grads(fwd, l, g, &dy, grads.da, grads.db)?;
+    }
+    Ok(())
+}
+
+/// `dA = ks·(s·g)ᵀ·x̃` and `dB = s·dyᵀ·(ks·x̃·Aᵀ)`, the two small products
+/// both backward paths share (`g` = `s·dy·B`, already scaled).
+fn factor_grads<T: Element>(
+    fwd: &ForwardArgs<'_, T>,
+    l: &WideLora,
+    g: &[f32],
+    dy: &[f32],
+    da: Option<&mut [T]>,
+    db: Option<&mut [T]>,
+) -> Result<()> {
+    let LinearDims { m, n, k } = fwd.dims;
+    let ks = keep_scale(fwd.dropout);
+    let r = l.rank;
+    let x = widen(fwd.x);
+    let xd = dropped_x(&x, k, fwd.dropout);
+    let xt = xd.as_deref().unwrap_or(&x);
+    if let Some(da) = da {
+        // dA = ks · (s·g)ᵀ · x̃   [r, K]
+        let mut acc = vec![0.0f32; r * k];
+        gemm_f32(
+            &mut acc,
+            k,
+            Mat::rows(g, m, r).t(),
+            Mat::rows(xt, m, k),
+            false,
+            ks,
+            Parallelism::Rayon(0),
+        )?;
+        da.par_iter_mut()
+            .zip(&acc)
+            .for_each(|(o, &v)| *o = T::from_f32(v));
+    }
+    if let Some(db) = db {
+        // u = ks·x̃·Aᵀ [M, r];  dB = s · dyᵀ · u   [N, r]
+        let mut u = vec![0.0f32; m * r];
+        gemm_f32(
+            &mut u,
+            r,
+            Mat::rows(xt, m, k),
+            Mat::rows(&l.a, r, k).t(),
+            false,
+            ks,
+            Parallelism::Rayon(0),
+        )?;
+        let mut acc = vec![0.0f32; n * r];
+        gemm_f32(
+            &mut acc,
+            r,
+            Mat::rows(dy, m, n).t(),
+            Mat::rows(&u, m, r),
+            false,
+            l.scale,
+            Parallelism::Rayon(0),
+        )?;
+        db.par_iter_mut()
+            .zip(&acc)
+            .for_each(|(o, &v)| *o = T::from_f32(v));
+    }
+    Ok(())
+}
+
+/// The unfused backward composite (the bench's baseline, as
+/// [`forward_unfused`] is for the forward): dequantize all of `W`, widen it,
+/// then `dx = dy·W`, `h = (s·g)·A` and the masked sum as whole-matrix
+/// passes; `dA`, `dB` as in [`backward`]. Same numerics up to the order of
+/// f32 additions.
+///
+/// # Errors
+/// As [`backward`].
+pub fn backward_unfused<T: Element>(args: &BackwardArgs<'_, T>, grads: Grads<'_, T>) -> Result<()> {
+    const OP: &str = "lora backward unfused (cpu)";
+    args.validate(OP, &grads)?;
+    let fwd = &args.fwd;
+    let LinearDims { m, n, k } = fwd.dims;
+    let dy = widen(args.dy);
+    let lora = fwd.lora.as_ref().map(wide_lora);
+    let g = match &lora {
+        Some(l) => {
+            let mut g = vec![0.0f32; m * l.rank];
             gemm_f32(
-                &mut acc,
-                k,
-                Mat::rows(g, m, r).t(),
-                Mat::rows(xt, m, k),
-                false,
-                ks,
-                Parallelism::Rayon(0),
-            )?;
-            da.par_iter_mut()
-                .zip(&acc)
-                .for_each(|(o, &v)| *o = T::from_f32(v));
-        }
-        if let Some(db) = grads.db {
-            // u = ks·x̃·Aᵀ [M, r];  dB = s · dyᵀ · u   [N, r]
-            let mut u = vec![0.0f32; m * r];
-            gemm_f32(
-                &mut u,
-                r,
-                Mat::rows(xt, m, k),
-                Mat::rows(&l.a, r, k).t(),
-                false,
-                ks,
-                Parallelism::Rayon(0),
-            )?;
-            let mut acc = vec![0.0f32; n * r];
-            gemm_f32(
-                &mut acc,
-                r,
-                Mat::rows(&dy, m, n).t(),
-                Mat::rows(&u, m, r),
+                &mut g,
+                l.rank,
+                Mat::rows(&dy, m, n),
+                Mat::rows(&l.b, n, l.rank),
                 false,
                 l.scale,
                 Parallelism::Rayon(0),
             )?;
-            db.par_iter_mut()
-                .zip(&acc)
-                .for_each(|(o, &v)| *o = T::from_f32(v));
+            Some(g)
         }
+        None => None,
+    };
+    if let Some(dx_out) = grads.dx {
+        let w: Vec<f32> = match &fwd.weight {
+            BaseWeight::Nf4(v) => {
+                let mut wt = vec![T::from_f32(0.0); n * k];
+                dequantize_into(v, &mut wt)?;
+                widen(&wt)
+            }
+            BaseWeight::Dense(d) => widen(d),
+        };
+        let mut dx = vec![0.0f32; m * k];
+        gemm_f32(
+            &mut dx,
+            k,
+            Mat::rows(&dy, m, n),
+            Mat::rows(&w, n, k),
+            false,
+            1.0,
+            Parallelism::Rayon(0),
+        )?;
+        if let (Some(l), Some(g)) = (&lora, &g) {
+            let mut h = vec![0.0f32; m * k];
+            gemm_f32(
+                &mut h,
+                k,
+                Mat::rows(g, m, l.rank),
+                Mat::rows(&l.a, l.rank, k),
+                false,
+                1.0,
+                Parallelism::Rayon(0),
+            )?;
+            let ks = keep_scale(fwd.dropout);
+            let drop = fwd.dropout.filter(|d| d.p > 0.0);
+            dx.par_iter_mut()
+                .zip(&h)
+                .enumerate()
+                .for_each(|(i, (d, &hv))| {
+                    if drop.is_none_or(|dr| dropout_keep(dr.seed, i as u64, dr.threshold())) {
+                        *d += ks * hv;
+                    }
+                });
+        }
+        dx_out
+            .par_iter_mut()
+            .zip(&dx)
+            .for_each(|(o, &v)| *o = T::from_f32(v));
+    }
+    if let (Some(l), Some(g)) = (&lora, &g) {
+        factor_grads(fwd, l, g, &dy, grads.da, grads.db)?;
     }
     Ok(())
 }

@@ -321,8 +321,9 @@ fn forward_without_lora_and_a_hundred_rows() {
 }
 
 /// From M = 256 the CPU path switches to 256-wide panels (forward) and
-/// strips (backward); N and K here leave a partial last panel. CPU only:
-/// the simulator would take minutes at this size.
+/// strips (backward), from M = 512 to the GEMM-bound path; N and K here
+/// leave a partial last panel. CPU only: the simulator would take minutes
+/// at these sizes.
 #[test]
 fn cpu_wide_panels_for_many_rows() {
     let spec = Spec {
@@ -345,6 +346,26 @@ fn cpu_wide_panels_for_many_rows() {
         },
         false,
     );
+    // From M = 512 the GEMM-bound path: 1024-row panels and 1024-column
+    // strips, here each with a partial second one.
+    let spec = Spec {
+        m: 515,
+        n: 1030,
+        k: 1027,
+        rank: Some(8),
+        w: WFormat::Nf4Dq(64, 4),
+        bias: true,
+        dropout: Some(0.2),
+    };
+    check_forward::<bf16>(454, spec, &[]);
+    check_backward::<bf16>(455, spec, false);
+    let plain = Spec {
+        w: WFormat::Dense,
+        rank: None,
+        dropout: None,
+        ..spec
+    };
+    check_forward::<f32>(456, plain, &[]);
 }
 
 #[test]

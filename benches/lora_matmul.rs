@@ -190,9 +190,82 @@ fn bench_cpu(c: &mut Criterion, machine: &Machine) {
                     .expect("backward unfused")
                 })
             });
+            if m >= 512 {
+                let mut out2 = out.clone();
+                let fwd_ratio = paired_ratio(
+                    || cpu::forward(&args, &mut out).expect("forward"),
+                    || cpu::forward_unfused(&args, &mut out2).expect("forward unfused"),
+                );
+                let (mut dx2, mut da2, mut db2) = (dx.clone(), da.clone(), db.clone());
+                let bwd_ratio = paired_ratio(
+                    || {
+                        cpu::backward(
+                            &bwd,
+                            Grads {
+                                dx: Some(&mut dx),
+                                da: Some(&mut da),
+                                db: Some(&mut db),
+                            },
+                        )
+                        .expect("backward")
+                    },
+                    || {
+                        cpu::backward_unfused(
+                            &bwd,
+                            Grads {
+                                dx: Some(&mut dx2),
+                                da: Some(&mut da2),
+                                db: Some(&mut db2),
+                            },
+                        )
+                        .expect("backward unfused")
+                    },
+                );
+                println!(
+                    "lora_matmul/cpu/bf16/{label}: fused / unfused, median of {AB_PAIRS} interleaved pairs: forward {}, backward {}",
+                    fwd_ratio, bwd_ratio
+                );
+            }
         }
     }
     group.finish();
+}
+
+/// Interleaved A/B runs for the GEMM-bound rows, where fused and unfused
+/// run the same f32 GEMM and differ by the decode (well under 1 % of the
+/// time at M = 4096): criterion measures one after the other, so load that
+/// changes over minutes on a shared machine can flip their order. Pairs of
+/// (fused, unfused) back to back see the same load.
+const AB_PAIRS: usize = 5;
+
+/// The median over [`AB_PAIRS`] back-to-back pairs of `time(a) / time(b)`,
+/// with the smallest and largest ratio, formatted.
+fn paired_ratio(mut a: impl FnMut(), mut b: impl FnMut()) -> String {
+    let time = |f: &mut dyn FnMut()| {
+        let t = std::time::Instant::now();
+        f();
+        t.elapsed().as_secs_f64()
+    };
+    let mut ratios: Vec<f64> = (0..AB_PAIRS)
+        .map(|i| {
+            // Alternate which goes first, so neither always runs on a
+            // cache the other warmed.
+            if i % 2 == 0 {
+                let ta = time(&mut a);
+                ta / time(&mut b)
+            } else {
+                let tb = time(&mut b);
+                time(&mut a) / tb
+            }
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    format!(
+        "{:.3} ({:.3}–{:.3})",
+        ratios[AB_PAIRS / 2],
+        ratios[0],
+        ratios[AB_PAIRS - 1]
+    )
 }
 
 #[cfg(tli_cuda)]

@@ -12,7 +12,7 @@
 //! ```
 //!
 //! `W` is decoded one panel at a time (64 rows × K f32 is 1 MiB at
-//! K = 4096, an L2's worth; 256 rows when `M ≥ 256`, see [`WIDE_PANEL`]) and
+//! K = 4096, an L2's worth; 256 rows when `M ≥ 256`, 1024 from `M = 512`) and
 //! used while it is hot; the dequantized matrix
 //! never exists whole. The unfused composite ([`forward_unfused`], kept as
 //! the bench's baseline) materialises `deq(W)` in `T`, widens it, and runs the

@@ -235,6 +235,16 @@ pub fn evaluate_adapter(
     })
 }
 
+/// A p value for a table: 3 significant digits, or `< 1e-300` when it
+/// underflows to 0 (t beyond about 40 with hundreds of pairs).
+pub fn format_p(p: f64) -> String {
+    if p == 0.0 {
+        "< 1e-300".to_string()
+    } else {
+        format!("{p:.3e}")
+    }
+}
+
 impl EvalReport {
     /// The report as pretty JSON.
     ///
@@ -292,7 +302,7 @@ impl EvalReport {
         );
         for (name, r) in &self.sets {
             s.push_str(&format!(
-                "{:<8} {:>5}  {:>7.4} ({:.4})  {:>7.4} ({:.4})  {:>+8.2}%  {:>8.2} ({:>3})  {:>9.3e}  {:>8}  {:>8}\n",
+                "{:<8} {:>5}  {:>7.4} ({:.4})  {:>7.4} ({:.4})  {:>+8.2}%  {:>8.2} ({:>3})  {:>9}  {:>8}  {:>8}\n",
                 name,
                 r.n,
                 r.before_mean,
@@ -302,7 +312,7 @@ impl EvalReport {
                 r.change_pct,
                 r.t,
                 r.df,
-                r.p,
+                format_p(r.p),
                 r.improved,
                 r.worsened
             ));

@@ -1,8 +1,7 @@
 //! `tli demo`: the crate's pipeline end to end on a synthetic model built in
 //! process, so it runs on a fresh clone with no download and no GPU.
 //!
-//! What it does today (the NF4 stage; training and evaluation join it as
-//! they land):
+//! Two stages. The NF4 stage ([`run`]):
 //!
 //! ```text
 //!   seed ─► synthetic Llama layer (7 projections + a norm, bf16, N(0, 0.02))
@@ -12,6 +11,13 @@
 //!        ─► compare: every device bit-identical to `cpu`;
 //!                    reconstruction error against the original weights
 //! ```
+//!
+//! The TLI stage ([`run_tli`]): a tiny synthetic Llama
+//! ([`crate::model::synthetic`], NF4 projections) and the shipped word
+//! lists go through `tli scan` (every layer, both pooling rules), `tli train`
+//! (the paper's settings) and `tli eval` (the saved PEFT adapter on a
+//! freshly built model, trained and control sets), and the evaluation's
+//! cosine kernel is rerun on every device and compared.
 //!
 //! Every number it prints was measured in this run, on the device it names.
 //! The weights are random, not a trained model: the demo shows that the

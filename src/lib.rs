@@ -21,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod bench;
 pub mod candle_ops;
 pub mod cosine;
 pub mod demo;

@@ -45,6 +45,9 @@ enum Command {
     /// Per-pair alignment before and after an adapter, with a paired t-test
     /// per set (trained, control).
     Eval(pipeline::EvalArgs),
+    /// Time the ops at Llama-3-8B shapes: GB/s or TFLOP/s and roofline
+    /// floors (this CPU, H100).
+    Bench(pipeline::BenchArgs),
     /// Run the pipeline on a synthetic model built in process (no download,
     /// no GPU needed): quantize to NF4, dequantize on every device, compare.
     Demo(DemoArgs),
@@ -194,6 +197,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Scan(a) => pipeline::scan_cmd(&a),
         Command::Train(a) => pipeline::train_cmd(&a),
         Command::Eval(a) => pipeline::eval_cmd(&a),
+        Command::Bench(a) => pipeline::bench_cmd(&a),
         Command::Demo(a) => demo(&a),
         Command::Info => info(),
     }

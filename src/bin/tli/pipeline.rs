@@ -599,3 +599,71 @@ pub fn demo_tli(seed: u64, epochs: usize, devices: &[Device], keep: Option<&Path
     );
     Ok(())
 }
+
+/// Ops for `bench`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchOpArg {
+    /// NF4 dequantization.
+    Nf4,
+    /// Fused NF4 + LoRA linear (forward).
+    Lora,
+    /// Pool + normalise + cosine, and the cosine matrix.
+    Cosine,
+    /// All three.
+    All,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Which op(s).
+    #[arg(long, value_enum, default_value_t = BenchOpArg::All)]
+    op: BenchOpArg,
+    /// Where to run (cpu or cuda).
+    #[arg(long, value_enum, default_value_t = RunDevice::Cpu)]
+    device: RunDevice,
+    /// Divide every dimension by this (1: the Llama-3-8B shapes).
+    #[arg(long, default_value_t = 1)]
+    shrink: usize,
+    /// Minimum time per case, milliseconds.
+    #[arg(long, default_value_t = 500)]
+    min_ms: u64,
+    /// Write the results as JSON here (`-` for standard output).
+    #[arg(long, value_name = "OUT")]
+    json: Option<PathBuf>,
+}
+
+pub fn bench_cmd(a: &BenchArgs) -> Result<()> {
+    use tli_kernels::bench::{BenchOp, BenchOptions, run};
+    let ops = match a.op {
+        BenchOpArg::Nf4 => vec![BenchOp::Nf4],
+        BenchOpArg::Lora => vec![BenchOp::Lora],
+        BenchOpArg::Cosine => vec![BenchOp::Cosine],
+        BenchOpArg::All => vec![BenchOp::Nf4, BenchOp::Lora, BenchOp::Cosine],
+    };
+    let opts = BenchOptions {
+        ops,
+        device: a.device.kernels(),
+        shrink: a.shrink,
+        min_time: std::time::Duration::from_millis(a.min_ms),
+        ..BenchOptions::default()
+    };
+    let bar = spinner("benchmarking");
+    let r = run(&opts);
+    bar.finish_and_clear();
+    let r = r.context("tli bench")?;
+    println!(
+        "tli bench on {} (Llama-3-8B shapes{}); floors: the least time the bytes and flops allow",
+        r.device,
+        if a.shrink > 1 {
+            format!(", every dimension / {}", a.shrink)
+        } else {
+            String::new()
+        }
+    );
+    print!("{}", r.table());
+    if let Some(p) = &a.json {
+        let text = serde_json::to_string_pretty(&r).context("JSON")?;
+        emit(p, &text, "JSON report")?;
+    }
+    Ok(())
+}

@@ -55,6 +55,8 @@ pub fn scan_svg(report: &ScanReport) -> Result<String> {
             .map_err(fail)?;
         chart
             .configure_mesh()
+            .x_labels(max_i.max(1) + 1)
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .x_desc("hidden-state index")
             .y_desc("mean cosine")
             .draw()
@@ -155,7 +157,9 @@ pub fn eval_svg(report: &EvalReport) -> Result<String> {
             .configure_series_labels()
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperLeft)
+            // Improved pairs sit above the diagonal: the lower right is
+            // where the legend hides the fewest points.
+            .position(SeriesLabelPosition::LowerRight)
             .draw()
             .map_err(fail)?;
         root.present().map_err(fail)?;

@@ -4,8 +4,8 @@
 //!
 //! * [`embed`]: word embeddings at a layer (two pooling rules) and per-pair
 //!   cosines through the fused cosine op; loading a model directory.
-//! * [`scan`]: alignment of every layer, both pooling rules side by side.
-//! * [`train`]: the TLI step (triplet loss with the hardest in-batch
+//! * [`mod@scan`]: alignment of every layer, both pooling rules side by side.
+//! * [`mod@train`]: the TLI step (triplet loss with the hardest in-batch
 //!   negative, LoRA on the early blocks, AdamW with linear warm-up and
 //!   decay) and its PEFT checkpoints.
 //! * [`eval`]: before/after per pair with a paired t-test per set.

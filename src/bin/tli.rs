@@ -49,7 +49,8 @@ enum Command {
     /// floors (this CPU, H100).
     Bench(pipeline::BenchArgs),
     /// Run the pipeline on a synthetic model built in process (no download,
-    /// no GPU needed): quantize to NF4, dequantize on every device, compare.
+    /// no GPU needed): quantize to NF4, dequantize on every device, compare;
+    /// then scan, train and evaluate TLI on a tiny synthetic Llama.
     Demo(DemoArgs),
     /// Version, compiled features, kernels and embedded PTX, and whether a
     /// CUDA device can be used here.

@@ -131,3 +131,40 @@ fn mean_and_sample_sd() {
     assert!(mean(&[]).is_nan());
     assert!(sd(&[4.0]).is_nan());
 }
+
+#[test]
+fn set_report_counts_ties_as_neither_and_writes_null_for_undefined_statistics() {
+    use tli_kernels::pairs::Pair;
+    use tli_kernels::tli::SetReport;
+    let pair = |sw: &str, en: &str| Pair {
+        swahili: sw.into(),
+        english: en.into(),
+        line: 1,
+    };
+    let pairs = [
+        pair("maji", "water"),
+        pair("moto", "fire"),
+        pair("jua", "sun"),
+    ];
+    // Changes +0.25, 0, −0.25 (exact in binary).
+    let r = SetReport::new(&pairs, vec![0.25, 0.5, 0.75], vec![0.5, 0.5, 0.5]).unwrap();
+    assert_eq!((r.improved, r.worsened), (1, 1));
+    assert_eq!(r.before_mean, 0.5);
+    assert_eq!(r.after_mean, 0.5);
+    assert_eq!(r.change, 0.0);
+    assert_eq!(r.change_pct, 0.0);
+    // Mean difference 0 with spread: t = 0, p = 1.
+    assert_eq!(r.t, 0.0);
+    assert!((r.p - 1.0).abs() < 1e-12, "{}", r.p);
+    // One pair: sd, t and p are undefined and written as null.
+    let one = SetReport::new(&pairs[..1], vec![0.25], vec![0.5]).unwrap();
+    let json = serde_json::to_value(&one).unwrap();
+    assert!(
+        json["before_sd"].is_null() && json["t"].is_null() && json["p"].is_null(),
+        "{json}"
+    );
+    assert_eq!(json["df"], 0);
+    assert_eq!(json["change_pct"], 100.0);
+    assert_eq!(json["pairs"][0][1], "water");
+    assert!(SetReport::new(&pairs, vec![0.1], vec![0.2]).is_err());
+}

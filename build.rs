@@ -4,8 +4,12 @@
 //!    place they are written down.
 //! 2. Feature `sim`: compiles the kernel sources for the host, together with
 //!    the simulator runtime in `kernels/sim/`, into a static library.
-//! 3. Feature `cuda`: compiles every `kernels/*.cu` to PTX with nvcc for each
-//!    architecture in `TLI_CUDA_ARCHS` (default `80,90`) and embeds the PTX.
+//! 3. Feature `cuda` or `candle-cuda`: compiles every `kernels/*.cu` to PTX
+//!    with nvcc for each architecture in `TLI_CUDA_ARCHS` (default `80,90`),
+//!    embeds the PTX, and sets the cfg `tli_cuda`, which gates the CUDA
+//!    backend in the crate, its tests and benches. (The two features differ
+//!    only in how cudarc reaches the driver, see Cargo.toml, so the code
+//!    keys on the cfg rather than on either feature.)
 
 use std::env;
 use std::fmt::Write as _;
@@ -43,7 +47,19 @@ fn main() {
     }
 
     let ptx_rs = out_dir.join("ptx.rs");
-    if env::var_os("CARGO_FEATURE_CUDA").is_some() {
+    let cuda = env::var_os("CARGO_FEATURE_CUDA").is_some();
+    let candle_cuda = env::var_os("CARGO_FEATURE_CANDLE_CUDA").is_some();
+    println!("cargo::rustc-check-cfg=cfg(tli_cuda)");
+    if cuda && candle_cuda {
+        panic!(
+            "\n\nfeatures `cuda` and `candle-cuda` are exclusive: `cuda` loads the CUDA driver at run \
+             time (cudarc `dynamic-loading`), `candle-cuda` links it the way candle-core does \
+             (cudarc `dynamic-linking`), and cudarc takes only one. `candle-cuda` includes \
+             everything `cuda` has; enable one of the two.\n"
+        );
+    }
+    if cuda || candle_cuda {
+        println!("cargo::rustc-cfg=tli_cuda");
         let archs = cuda_archs();
         let nvcc = find_nvcc();
         let mut modules = String::new();
@@ -280,7 +296,7 @@ fn find_nvcc() -> PathBuf {
         }
     }
     panic!(
-        "\n\nfeature `cuda` needs nvcc, and none was found in $CUDA_HOME/bin, $CUDA_PATH/bin or $PATH.\n\
+        "\n\nfeatures `cuda` and `candle-cuda` need nvcc, and none was found in $CUDA_HOME/bin, $CUDA_PATH/bin or $PATH.\n\
          Install the CUDA toolkit, or nvcc alone from PyPI:\n\
          \x20   python3 -m pip install nvidia-cuda-nvcc==13.4.92 nvidia-cuda-crt==13.4.92 \\\n\
          \x20       nvidia-cuda-runtime==13.4.92 nvidia-nvvm==13.4.92 nvidia-cuda-cccl\n\

@@ -5,7 +5,10 @@
 //! so N = 10k pairs is 164 MB: 49 µs at H100's 3.35 TB/s. The composite
 //! additionally writes and re-reads two `[N, D]` f32 intermediates
 //! (pooled, then normalised in place): 4 more f32 passes over 2·N·D values
-//! on top of the input. The 8k × 8k matrix at D = 4096 is 550 GFLOP: 0.56 ms
+//! on top of the input. The matrix is compared with the same steps as
+//! separate candle ops (widen, norm, divide, matmul, clamp), whose extra
+//! passes are O(N·D) next to the product's O(N·M·D): the gap should be
+//! small and shrink with N. The 8k × 8k matrix at D = 4096 is 550 GFLOP: 0.56 ms
 //! at 990 dense bf16 TFLOP/s.
 //!
 //! Run: `cargo bench --bench cosine` (add `--features cuda` on a GPU machine
@@ -56,6 +59,26 @@ fn composite(
     cpu::normalize_rows(pa, DIM, NORMALIZE_EPS);
     cpu::normalize_rows(pb, DIM, NORMALIZE_EPS);
     cpu::dot_rows(pa, pb, DIM, out);
+}
+
+/// The unfused matrix composite as one would write it in candle: widen to
+/// f32, normalise each side (`x / max(‖x‖, eps)`: norm, clamp, divide as
+/// separate passes), multiply (candle's CPU matmul, the same `gemm` crate
+/// the fused path calls), clamp to [-1, 1].
+fn matrix_composite(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+) -> candle_core::Result<candle_core::Tensor> {
+    let unit = |t: &candle_core::Tensor| -> candle_core::Result<candle_core::Tensor> {
+        let t = t.to_dtype(candle_core::DType::F32)?;
+        let norm = t
+            .sqr()?
+            .sum_keepdim(1)?
+            .sqrt()?
+            .clamp(f64::from(COSINE_EPS), f64::INFINITY)?;
+        t.broadcast_div(&norm)
+    };
+    unit(a)?.matmul(&unit(b)?.t()?)?.clamp(-1.0, 1.0)
 }
 
 fn bench_pairs(c: &mut Criterion, copy_bw: f64, label: &str, seq: usize, sizes: &[usize]) {
@@ -130,24 +153,30 @@ fn bench_matrix(c: &mut Criterion) {
         );
         let (ha, hb) = (Hidden::rows(&a, n, DIM), Hidden::rows(&b, n, DIM));
         group.throughput(Throughput::Elements(flops as u64));
-        group.bench_function(BenchmarkId::from_parameter(format!("{n}x{n}")), |bch| {
+        group.bench_function(BenchmarkId::new("fused", format!("{n}x{n}")), |bch| {
             bch.iter(|| cosine_matrix(Device::Cpu, &ha, &hb, COSINE_EPS).expect("matrix"))
+        });
+        let dev = candle_core::Device::Cpu;
+        let ta = candle_core::Tensor::from_slice(&a, (n, DIM), &dev).expect("tensor");
+        let tb = candle_core::Tensor::from_slice(&b, (n, DIM), &dev).expect("tensor");
+        group.bench_function(BenchmarkId::new("unfused", format!("{n}x{n}")), |bch| {
+            bch.iter(|| matrix_composite(&ta, &tb).expect("composite"))
         });
     }
     group.finish();
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(tli_cuda)]
 fn bench_cuda(c: &mut Criterion) {
     cuda::bench(c);
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(tli_cuda))]
 fn bench_cuda(_c: &mut Criterion) {
     println!("cosine/cuda: skipped: built without the `cuda` feature");
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(tli_cuda)]
 mod cuda {
     use super::*;
     use tli_kernels::backend::cuda::{Cuda, DeviceHidden};

@@ -177,12 +177,25 @@ fn bench_cpu(c: &mut Criterion, machine: &Machine) {
                     .expect("backward")
                 })
             });
+            group.bench_function(BenchmarkId::new("backward unfused", &label), |bch| {
+                bch.iter(|| {
+                    cpu::backward_unfused(
+                        &bwd,
+                        Grads {
+                            dx: Some(&mut dx),
+                            da: Some(&mut da),
+                            db: Some(&mut db),
+                        },
+                    )
+                    .expect("backward unfused")
+                })
+            });
         }
     }
     group.finish();
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(tli_cuda)]
 fn bench_cuda(c: &mut Criterion) {
     use tli_kernels::backend::cuda::Cuda;
     let gpu = match Cuda::global() {
@@ -224,7 +237,7 @@ fn bench_cuda(c: &mut Criterion) {
     group.finish();
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(tli_cuda))]
 fn bench_cuda(_c: &mut Criterion) {
     let _ = Device::Cuda;
     println!("lora_matmul/cuda: skipped: built without the `cuda` feature");

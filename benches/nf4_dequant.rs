@@ -70,17 +70,17 @@ fn bench_cpu<T: Element>(c: &mut Criterion, copy_bw: f64) {
     group.finish();
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(tli_cuda)]
 fn bench_cuda(c: &mut Criterion) {
     cuda::bench(c);
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(tli_cuda))]
 fn bench_cuda(_c: &mut Criterion) {
     println!("nf4_dequant/cuda: skipped: built without the `cuda` feature");
 }
 
-#[cfg(feature = "cuda")]
+#[cfg(tli_cuda)]
 mod cuda {
     use super::*;
     use tli_kernels::backend::cuda::Cuda;

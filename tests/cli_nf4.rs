@@ -511,7 +511,7 @@ fn info_prints_version_features_kernels_and_cuda_status() {
         s.contains(&format!(
             "features: sim={} cuda={}",
             yn(cfg!(feature = "sim")),
-            yn(cfg!(feature = "cuda"))
+            yn(cfg!(tli_cuda))
         )),
         "{s}"
     );

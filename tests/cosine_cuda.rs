@@ -8,7 +8,7 @@
 //! ρ = 4√S. Pooled vectors are the same operations in the same order per
 //! column on both, so they must agree bit for bit. Without a GPU each test
 //! prints `<test>: skipped: <reason>` and returns.
-#![cfg(feature = "cuda")]
+#![cfg(tli_cuda)]
 
 mod common;
 

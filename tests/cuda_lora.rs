@@ -4,7 +4,7 @@
 //! and bounds of `tests/common/lora_ref.rs` (the same checks as
 //! `tests/lora_sim.rs`). Outputs are poisoned on the device first. Without
 //! a GPU each test prints `<test>: skipped: <reason>` and returns.
-#![cfg(feature = "cuda")]
+#![cfg(tli_cuda)]
 
 mod common;
 #[path = "common/lora_ref.rs"]

@@ -8,7 +8,7 @@
 //! Outputs are poisoned first, so an element the kernel never wrote fails.
 //! Without a GPU each prints `<test>: skipped: <reason>` and returns; the
 //! tests of how a missing device is reported run on both kinds of machine.
-#![cfg(feature = "cuda")]
+#![cfg(tli_cuda)]
 
 mod common;
 

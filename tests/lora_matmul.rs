@@ -177,7 +177,9 @@ fn check_forward<T: Element>(seed: u64, s: Spec, variants: &[ForwardVariant]) {
     assert_within(&label, &out, &want);
 }
 
-fn check_backward<T: Element>(seed: u64, s: Spec) {
+/// The backward pass on the simulator (when `sim`) and the CPU against the
+/// reference.
+fn check_backward<T: Element>(seed: u64, s: Spec, sim: bool) {
     let case = Case::<T>::new(seed, s);
     let mut r = rng(seed ^ 0xd1);
     let dy: Vec<T> = uniform(&mut r, s.m * s.n, 1.0);
@@ -197,11 +199,13 @@ fn check_backward<T: Element>(seed: u64, s: Spec) {
         da: s.rank.map(|_| &mut da[..]),
         db: s.rank.map(|_| &mut db[..]),
     };
-    sim::lora_backward(&args, grads).unwrap_or_else(|e| panic!("{label}: {e}"));
-    assert_within(&format!("{label} dx"), &dx, &p.dx(&dyf));
-    if s.rank.is_some() {
-        assert_within(&format!("{label} dA"), &da, &p.da(&dyf));
-        assert_within(&format!("{label} dB"), &db, &p.db(&dyf));
+    if sim {
+        sim::lora_backward(&args, grads).unwrap_or_else(|e| panic!("{label}: {e}"));
+        assert_within(&format!("{label} dx"), &dx, &p.dx(&dyf));
+        if s.rank.is_some() {
+            assert_within(&format!("{label} dA"), &da, &p.da(&dyf));
+            assert_within(&format!("{label} dB"), &db, &p.db(&dyf));
+        }
     }
     let label = format!("backward cpu {} {s:?}", T::DTYPE);
     for g in [&mut dx, &mut da, &mut db] {
@@ -213,6 +217,21 @@ fn check_backward<T: Element>(seed: u64, s: Spec) {
         db: s.rank.map(|_| &mut db[..]),
     };
     lora_matmul::backward(Device::Cpu, &args, grads).unwrap_or_else(|e| panic!("{label}: {e}"));
+    assert_within(&format!("{label} dx"), &dx, &p.dx(&dyf));
+    if s.rank.is_some() {
+        assert_within(&format!("{label} dA"), &da, &p.da(&dyf));
+        assert_within(&format!("{label} dB"), &db, &p.db(&dyf));
+    }
+    let label = format!("backward cpu unfused {} {s:?}", T::DTYPE);
+    for g in [&mut dx, &mut da, &mut db] {
+        g.fill(poison::<T>());
+    }
+    let grads = Grads {
+        dx: Some(&mut dx),
+        da: s.rank.map(|_| &mut da[..]),
+        db: s.rank.map(|_| &mut db[..]),
+    };
+    cpu::backward_unfused(&args, grads).unwrap_or_else(|e| panic!("{label}: {e}"));
     assert_within(&format!("{label} dx"), &dx, &p.dx(&dyf));
     if s.rank.is_some() {
         assert_within(&format!("{label} dA"), &da, &p.da(&dyf));
@@ -301,6 +320,54 @@ fn forward_without_lora_and_a_hundred_rows() {
     check_forward::<f32>(412, spec, &[ForwardVariant::Auto]);
 }
 
+/// From M = 256 the CPU path switches to 256-wide panels (forward) and
+/// strips (backward), from M = 512 to the GEMM-bound path; N and K here
+/// leave a partial last panel. CPU only: the simulator would take minutes
+/// at these sizes.
+#[test]
+fn cpu_wide_panels_for_many_rows() {
+    let spec = Spec {
+        m: 260,
+        n: 300,
+        k: 290,
+        rank: Some(16),
+        w: WFormat::Nf4Dq(64, 4),
+        bias: true,
+        dropout: Some(0.1),
+    };
+    check_forward::<bf16>(450, spec, &[]);
+    check_forward::<f32>(451, spec, &[]);
+    check_backward::<bf16>(452, spec, false);
+    check_backward::<f32>(
+        453,
+        Spec {
+            w: WFormat::Dense,
+            ..spec
+        },
+        false,
+    );
+    // From M = 512 the GEMM-bound path: 1024-row panels and 1024-column
+    // strips, here each with a partial second one.
+    let spec = Spec {
+        m: 515,
+        n: 1030,
+        k: 1027,
+        rank: Some(8),
+        w: WFormat::Nf4Dq(64, 4),
+        bias: true,
+        dropout: Some(0.2),
+    };
+    check_forward::<bf16>(454, spec, &[]);
+    check_backward::<bf16>(455, spec, false);
+    let plain = Spec {
+        w: WFormat::Dense,
+        rank: None,
+        dropout: None,
+        ..spec
+    };
+    check_forward::<f32>(456, plain, &[]);
+}
+
 #[test]
 fn auto_picks_gemv_up_to_eight_rows() {
     assert_eq!(ForwardVariant::Auto.resolve(1), ForwardVariant::Gemv);
@@ -328,7 +395,7 @@ fn backward_sweep<T: Element>(seed: u64) {
             bias: false,
             dropout,
         };
-        check_backward::<T>(seed + i as u64, spec);
+        check_backward::<T>(seed + i as u64, spec, true);
     }
 }
 
@@ -358,7 +425,7 @@ fn backward_a_hundred_rows_and_partial_gradients() {
         bias: false,
         dropout: Some(0.1),
     };
-    check_backward::<bf16>(800, spec);
+    check_backward::<bf16>(800, spec, true);
     // Only dB: dx and dA stay untouched (poison), dB is right.
     let spec = Spec { m: 20, ..spec };
     let case = Case::<f16>::new(801, spec);
@@ -518,7 +585,7 @@ fn bad_inputs_are_errors_on_every_host_device() {
         .to_string();
         assert!(e.contains("dy [M=4, N=8]"), "{dev}: {e}");
     }
-    #[cfg(not(feature = "cuda"))]
+    #[cfg(not(tli_cuda))]
     {
         let mut out = vec![0.0f32; 32];
         let e = lora_matmul::forward(Device::Cuda, &args, &mut out).unwrap_err();

@@ -10,7 +10,7 @@
 //!
 //! ptxas is found the way `build.rs` finds nvcc: `$CUDA_HOME/bin`,
 //! `$CUDA_PATH/bin`, then `PATH`. Without it the test prints why it skipped.
-#![cfg(feature = "cuda")]
+#![cfg(tli_cuda)]
 
 use std::collections::BTreeMap;
 use std::env;

@@ -57,11 +57,21 @@ const SUPPORTED_DTYPES: &str = "f32, bf16, f16";
 /// Whether the CUDA driver library can be loaded on this machine.
 ///
 /// This is the first thing [`Cuda::new`] checks; it makes no driver call.
+/// With feature `cuda` the library is opened at run time, so this tries to
+/// open it; with `candle-cuda` it was linked at build time and the program
+/// could not have started without it, so this is `true`.
 pub fn driver_library_present() -> bool {
-    // SAFETY: `is_culib_present` only tries to open the driver library under
-    // its usual names and closes it again. Opening it runs the vendor
-    // library's initialisers, which ask nothing of the caller.
-    unsafe { sys::is_culib_present() }
+    #[cfg(feature = "cuda")]
+    {
+        // SAFETY: `is_culib_present` only tries to open the driver library
+        // under its usual names and closes it again. Opening it runs the
+        // vendor library's initialisers, which ask nothing of the caller.
+        unsafe { sys::is_culib_present() }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        true
+    }
 }
 
 /// One CUDA device: context, stream and lazily loaded kernel modules.

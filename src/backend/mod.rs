@@ -11,7 +11,7 @@ use std::str::FromStr;
 
 use crate::Error;
 
-#[cfg(feature = "cuda")]
+#[cfg(tli_cuda)]
 pub mod cuda;
 #[cfg(feature = "sim")]
 pub mod sim;
@@ -60,11 +60,11 @@ impl Device {
                 }
             }
             Device::Cuda => {
-                #[cfg(feature = "cuda")]
+                #[cfg(tli_cuda)]
                 {
                     cuda::Cuda::global().map(|_| ())
                 }
-                #[cfg(not(feature = "cuda"))]
+                #[cfg(not(tli_cuda))]
                 {
                     Err(Error::NoCudaDevice {
                         reason: "built without the `cuda` feature (rebuild with `--features cuda`)"

@@ -311,7 +311,7 @@ fn info() -> Result<()> {
     println!(
         "features: sim={} cuda={}",
         yes_no(cfg!(feature = "sim")),
-        yes_no(cfg!(feature = "cuda"))
+        yes_no(cfg!(tli_cuda))
     );
     println!("kernel sources: {}", kernel_list(kernels::KERNEL_SOURCES));
     if kernels::CUDA_ARCHS.is_empty() {

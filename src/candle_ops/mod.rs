@@ -5,3 +5,4 @@
 //! passes are candle tensor ops from closed-form gradients.
 
 pub mod cosine;
+pub mod lora;

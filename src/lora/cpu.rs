@@ -12,7 +12,8 @@
 //! ```
 //!
 //! `W` is decoded one panel at a time (64 rows × K f32 is 1 MiB at
-//! K = 4096, an L2's worth) and used while it is hot; the dequantized matrix
+//! K = 4096, an L2's worth; 256 rows when `M ≥ 256`, see [`WIDE_PANEL`]) and
+//! used while it is hot; the dequantized matrix
 //! never exists whole. The unfused composite ([`forward_unfused`], kept as
 //! the bench's baseline) materialises `deq(W)` in `T`, widens it, and runs the
 //! three products and the sum as separate passes.
@@ -36,8 +37,39 @@ use super::{
 use crate::nf4::dequant::{dequantize_into, dequantize_range_widened};
 use crate::{Element, Error, Result};
 
-/// Rows of `W` per forward task, columns of `W` per backward task.
+/// Rows of `W` per forward task, columns of `W` per backward task, for
+/// small `M`: 64 × K f32 is 1 MiB at K = 4096, about an L2, so the decoded
+/// panel is still hot when the product reads it.
 const PANEL: usize = 64;
+
+/// The panel width for large `M`. Each panel's product packs all of `x`
+/// (forward) or `dy` (backward) again, `M·K` values per panel, so with many
+/// rows that repacking, not the decode, becomes the overhead; wider panels
+/// divide it by four, and the GEMM blocks the wider panel for its caches
+/// itself.
+const WIDE_PANEL: usize = 256;
+
+/// The panel width for `m` rows of `x`.
+fn panel_width(m: usize) -> usize {
+    if m >= WIDE_PANEL { WIDE_PANEL } else { PANEL }
+}
+
+/// From this many rows of `x` on, the product is GEMM-bound (2·M flops per
+/// decoded weight, against a decode that costs a few): panels are then taken
+/// one after another, each decoded by all threads and multiplied by the
+/// GEMM's own parallel driver straight into the f32 output, instead of one
+/// single-threaded product per panel. Per-panel products on two threads
+/// lagged the unfused composite's one parallel GEMM here (v_proj at
+/// M = 4096: 531 against 495 ms) although they decode nothing twice.
+const GEMM_BOUND_M: usize = 512;
+
+/// Rows (forward) or columns (backward) of `W` per panel in the GEMM-bound
+/// path: 1024 × 4096 f32 is 16 MiB, wide enough that the GEMM's own blocking
+/// sees a large problem, small next to the f32 output.
+const BIG_PANEL: usize = 1024;
+
+/// Rows of `W` per decode task in the GEMM-bound path.
+const DECODE_ROWS: usize = 16;
 
 /// A strided f32 matrix: element `(i, j)` at `i·rs + j·cs`.
 #[derive(Clone, Copy)]
@@ -161,6 +193,30 @@ fn weight_rows<T: Element>(
     }
 }
 
+/// Columns `k0 .. k0 + kb` of every row of `W` as f32, into `out`
+/// (`[N, kb]`), one row segment at a time (no transposed copy of `W`).
+fn weight_cols<T: Element>(
+    w: &BaseWeight<'_, T>,
+    k: usize,
+    row0: usize,
+    k0: usize,
+    kb: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    for (i, seg) in out.chunks_mut(kb).enumerate() {
+        let start = (row0 + i) * k + k0;
+        match w {
+            BaseWeight::Nf4(v) => dequantize_range_widened::<T>(v, start, seg)?,
+            BaseWeight::Dense(d) => {
+                for (o, x) in seg.iter_mut().zip(&d[start..start + kb]) {
+                    *o = x.to_f32();
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `x̃` (dropout applied, not yet scaled by `ks`) as f32, or `None` when no
 /// element is dropped.
 fn dropped_x(x: &[f32], k: usize, dropout: Option<Dropout>) -> Option<Vec<f32>> {
@@ -240,10 +296,20 @@ pub fn forward<T: Element>(args: &ForwardArgs<'_, T>, out: &mut [T]) -> Result<(
         None => None,
     };
     let bias = args.bias.map(widen);
+    if m >= GEMM_BOUND_M {
+        return forward_gemm_bound(
+            args,
+            &x,
+            lora.as_ref().zip(u.as_deref()),
+            bias.as_deref(),
+            out,
+        );
+    }
 
+    let width = panel_width(m);
     let panels: Vec<(usize, usize)> = (0..n)
-        .step_by(PANEL)
-        .map(|n0| (n0, (n0 + PANEL).min(n)))
+        .step_by(width)
+        .map(|n0| (n0, (n0 + width).min(n)))
         .collect();
     let results: Vec<Vec<f32>> = panels
         .par_iter()
@@ -293,6 +359,64 @@ pub fn forward<T: Element>(args: &ForwardArgs<'_, T>, out: &mut [T]) -> Result<(
             }
         }
     });
+    Ok(())
+}
+
+/// The forward for `M ≥ GEMM_BOUND_M`: panels of [`BIG_PANEL`] rows of `W`
+/// in turn, each decoded by every thread and multiplied by the parallel GEMM
+/// straight into its columns of the f32 output; then the LoRA product over
+/// the whole output, the bias and the one rounding. `lora` carries `u`.
+fn forward_gemm_bound<T: Element>(
+    args: &ForwardArgs<'_, T>,
+    x: &[f32],
+    lora: Option<(&WideLora, &[f32])>,
+    bias: Option<&[f32]>,
+    out: &mut [T],
+) -> Result<()> {
+    let LinearDims { m, n, k } = args.dims;
+    let mut y = vec![0.0f32; m * n];
+    let mut panel = vec![0.0f32; BIG_PANEL.min(n) * k];
+    for n0 in (0..n).step_by(BIG_PANEL) {
+        let nb = (n - n0).min(BIG_PANEL);
+        let wp = &mut panel[..nb * k];
+        wp.par_chunks_mut(DECODE_ROWS * k)
+            .enumerate()
+            .try_for_each(|(i, rows)| weight_rows(&args.weight, k, n0 + i * DECODE_ROWS, rows))?;
+        gemm_f32(
+            &mut y[n0..],
+            n,
+            Mat::rows(x, m, k),
+            Mat::rows(wp, nb, k).t(),
+            false,
+            1.0,
+            Parallelism::Rayon(0),
+        )?;
+    }
+    if let Some((l, u)) = lora {
+        gemm_f32(
+            &mut y,
+            n,
+            Mat::rows(u, m, l.rank),
+            Mat::rows(&l.b, n, l.rank).t(),
+            true,
+            1.0,
+            Parallelism::Rayon(0),
+        )?;
+    }
+    out.par_chunks_mut(n)
+        .zip(y.par_chunks(n))
+        .for_each(|(o, yr)| match bias {
+            Some(b) => {
+                for ((o, &v), &bv) in o.iter_mut().zip(yr).zip(b) {
+                    *o = T::from_f32(v + bv);
+                }
+            }
+            None => {
+                for (o, &v) in o.iter_mut().zip(yr) {
+                    *o = T::from_f32(v);
+                }
+            }
+        });
     Ok(())
 }
 
@@ -401,127 +525,276 @@ pub fn backward<T: Element>(args: &BackwardArgs<'_, T>, grads: Grads<'_, T>) -> 
         None => None,
     };
 
-    if let Some(dx_out) = grads.dx {
-        let strips: Vec<(usize, usize)> = (0..k)
-            .step_by(PANEL)
-            .map(|k0| (k0, (k0 + PANEL).min(k)))
-            .collect();
-        let results: Vec<Vec<f32>> = strips
-            .par_iter()
-            .map(|&(k0, k1)| -> Result<Vec<f32>> {
-                let kb = k1 - k0;
-                // W[:, k0..k1] as [N, kb], one row segment at a time.
-                let mut ws = vec![0.0f32; n * kb];
-                for (row, seg) in ws.chunks_mut(kb).enumerate() {
-                    match &fwd.weight {
-                        BaseWeight::Nf4(v) => dequantize_range_widened::<T>(v, row * k + k0, seg)?,
-                        BaseWeight::Dense(d) => {
-                            for (o, x) in seg.iter_mut().zip(&d[row * k + k0..row * k + k1]) {
-                                *o = x.to_f32();
-                            }
-                        }
-                    }
-                }
-                let mut dxs = vec![0.0f32; m * kb];
-                gemm_f32(
-                    &mut dxs,
-                    kb,
-                    Mat::rows(&dy, m, n),
-                    Mat::rows(&ws, n, kb),
-                    false,
-                    1.0,
-                    Parallelism::None,
-                )?;
-                if let (Some(l), Some(g)) = (&lora, &g) {
-                    let r = l.rank;
-                    // h = (s·g)·A[:, k0..k1], then masked and scaled by ks.
-                    let mut h = vec![0.0f32; m * kb];
-                    let a_strip = Mat {
-                        data: &l.a[k0..],
-                        rows: r,
-                        cols: kb,
-                        rs: k,
-                        cs: 1,
-                    };
+    match grads.dx {
+        Some(dx_out) if m >= GEMM_BOUND_M => {
+            dx_gemm_bound(fwd, &dy, lora.as_ref().zip(g.as_deref()), dx_out)?
+        }
+        Some(dx_out) => {
+            let width = panel_width(m);
+            let strips: Vec<(usize, usize)> = (0..k)
+                .step_by(width)
+                .map(|k0| (k0, (k0 + width).min(k)))
+                .collect();
+            let results: Vec<Vec<f32>> = strips
+                .par_iter()
+                .map(|&(k0, k1)| -> Result<Vec<f32>> {
+                    let kb = k1 - k0;
+                    // W[:, k0..k1] as [N, kb].
+                    let mut ws = vec![0.0f32; n * kb];
+                    weight_cols(&fwd.weight, k, 0, k0, kb, &mut ws)?;
+                    let mut dxs = vec![0.0f32; m * kb];
                     gemm_f32(
-                        &mut h,
+                        &mut dxs,
                         kb,
-                        Mat::rows(g, m, r),
-                        a_strip,
+                        Mat::rows(&dy, m, n),
+                        Mat::rows(&ws, n, kb),
                         false,
                         1.0,
                         Parallelism::None,
                     )?;
-                    for (i, (d, hv)) in dxs.iter_mut().zip(&h).enumerate() {
-                        let (row, j) = (i / kb, i % kb);
-                        let keep = drop.is_none_or(|dr| {
-                            dropout_keep(dr.seed, (row * k + k0 + j) as u64, dr.threshold())
-                        });
-                        if keep {
-                            *d += ks * hv;
+                    if let (Some(l), Some(g)) = (&lora, &g) {
+                        let r = l.rank;
+                        // h = (s·g)·A[:, k0..k1], then masked and scaled by ks.
+                        let mut h = vec![0.0f32; m * kb];
+                        let a_strip = Mat {
+                            data: &l.a[k0..],
+                            rows: r,
+                            cols: kb,
+                            rs: k,
+                            cs: 1,
+                        };
+                        gemm_f32(
+                            &mut h,
+                            kb,
+                            Mat::rows(g, m, r),
+                            a_strip,
+                            false,
+                            1.0,
+                            Parallelism::None,
+                        )?;
+                        for (i, (d, hv)) in dxs.iter_mut().zip(&h).enumerate() {
+                            let (row, j) = (i / kb, i % kb);
+                            let keep = drop.is_none_or(|dr| {
+                                dropout_keep(dr.seed, (row * k + k0 + j) as u64, dr.threshold())
+                            });
+                            if keep {
+                                *d += ks * hv;
+                            }
                         }
                     }
+                    Ok(dxs)
+                })
+                .collect::<Result<_>>()?;
+            dx_out.par_chunks_mut(k).enumerate().for_each(|(row, o)| {
+                for (&(k0, k1), s) in strips.iter().zip(&results) {
+                    let kb = k1 - k0;
+                    for (dst, &v) in o[k0..k1].iter_mut().zip(&s[row * kb..(row + 1) * kb]) {
+                        *dst = T::from_f32(v);
+                    }
                 }
-                Ok(dxs)
-            })
-            .collect::<Result<_>>()?;
-        dx_out.par_chunks_mut(k).enumerate().for_each(|(row, o)| {
-            for (&(k0, k1), s) in strips.iter().zip(&results) {
-                let kb = k1 - k0;
-                for (dst, &v) in o[k0..k1].iter_mut().zip(&s[row * kb..(row + 1) * kb]) {
-                    *dst = T::from_f32(v);
-                }
-            }
-        });
+            });
+        }
+        None => {}
     }
 
     if let (Some(l), Some(g)) = (&lora, &g) {
-        let r = l.rank;
-        let x = widen(fwd.x);
-        let xd = dropped_x(&x, k, fwd.dropout);
-        let xt = xd.as_deref().unwrap_or(&x);
-        if let Some(da) = grads.da {
-            // dA = ks · (s·g)ᵀ · x̃   [r, K]
-            let mut acc = vec![0.0f32; r * k];
+        factor_grads(fwd, l, g, &dy, grads.da, grads.db)?;
+    }
+    Ok(())
+}
+
+/// `dx` for `M ≥ GEMM_BOUND_M`: strips of [`BIG_PANEL`] columns of `W` in
+/// turn, each decoded by every thread (row segments) and multiplied by the
+/// parallel GEMM straight into its columns of the f32 `dx`; then the LoRA
+/// term over the whole of `dx` and the one rounding. `lora` carries `s·g`.
+fn dx_gemm_bound<T: Element>(
+    fwd: &ForwardArgs<'_, T>,
+    dy: &[f32],
+    lora: Option<(&WideLora, &[f32])>,
+    dx_out: &mut [T],
+) -> Result<()> {
+    let LinearDims { m, n, k } = fwd.dims;
+    let mut dx = vec![0.0f32; m * k];
+    let width = BIG_PANEL.min(k);
+    let mut strip = vec![0.0f32; n * width];
+    for k0 in (0..k).step_by(width) {
+        let kb = (k - k0).min(width);
+        let ws = &mut strip[..n * kb];
+        ws.par_chunks_mut(DECODE_ROWS * kb)
+            .enumerate()
+            .try_for_each(|(i, rows)| weight_cols(&fwd.weight, k, i * DECODE_ROWS, k0, kb, rows))?;
+        gemm_f32(
+            &mut dx[k0..],
+            k,
+            Mat::rows(dy, m, n),
+            Mat::rows(ws, n, kb),
+            false,
+            1.0,
+            Parallelism::Rayon(0),
+        )?;
+    }
+    if let Some((l, g)) = lora {
+        add_lora_dx(fwd, l, g, &mut dx)?;
+    }
+    dx_out
+        .par_iter_mut()
+        .zip(&dx)
+        .for_each(|(o, &v)| *o = T::from_f32(v));
+    Ok(())
+}
+
+/// `dx += mask ⊙ ks·(s·g)·A` over the whole `[M, K]` f32 `dx`.
+fn add_lora_dx<T: Element>(
+    fwd: &ForwardArgs<'_, T>,
+    l: &WideLora,
+    g: &[f32],
+    dx: &mut [f32],
+) -> Result<()> {
+    let LinearDims { m, k, .. } = fwd.dims;
+    let mut h = vec![0.0f32; m * k];
+    gemm_f32(
+        &mut h,
+        k,
+        Mat::rows(g, m, l.rank),
+        Mat::rows(&l.a, l.rank, k),
+        false,
+        1.0,
+        Parallelism::Rayon(0),
+    )?;
+    let ks = keep_scale(fwd.dropout);
+    let drop = fwd.dropout.filter(|d| d.p > 0.0);
+    dx.par_iter_mut()
+        .zip(&h)
+        .enumerate()
+        .for_each(|(i, (d, &hv))| {
+            if drop.is_none_or(|dr| dropout_keep(dr.seed, i as u64, dr.threshold())) {
+                *d += ks * hv;
+            }
+        });
+    Ok(())
+}
+
+/// `dA = ks·(s·g)ᵀ·x̃` and `dB = s·dyᵀ·(ks·x̃·Aᵀ)`, the two small products
+/// both backward paths share (`g` = `s·dy·B`, already scaled).
+fn factor_grads<T: Element>(
+    fwd: &ForwardArgs<'_, T>,
+    l: &WideLora,
+    g: &[f32],
+    dy: &[f32],
+    da: Option<&mut [T]>,
+    db: Option<&mut [T]>,
+) -> Result<()> {
+    let LinearDims { m, n, k } = fwd.dims;
+    let ks = keep_scale(fwd.dropout);
+    let r = l.rank;
+    let x = widen(fwd.x);
+    let xd = dropped_x(&x, k, fwd.dropout);
+    let xt = xd.as_deref().unwrap_or(&x);
+    if let Some(da) = da {
+        // dA = ks · (s·g)ᵀ · x̃   [r, K]
+        let mut acc = vec![0.0f32; r * k];
+        gemm_f32(
+            &mut acc,
+            k,
+            Mat::rows(g, m, r).t(),
+            Mat::rows(xt, m, k),
+            false,
+            ks,
+            Parallelism::Rayon(0),
+        )?;
+        da.par_iter_mut()
+            .zip(&acc)
+            .for_each(|(o, &v)| *o = T::from_f32(v));
+    }
+    if let Some(db) = db {
+        // u = ks·x̃·Aᵀ [M, r];  dB = s · dyᵀ · u   [N, r]
+        let mut u = vec![0.0f32; m * r];
+        gemm_f32(
+            &mut u,
+            r,
+            Mat::rows(xt, m, k),
+            Mat::rows(&l.a, r, k).t(),
+            false,
+            ks,
+            Parallelism::Rayon(0),
+        )?;
+        let mut acc = vec![0.0f32; n * r];
+        gemm_f32(
+            &mut acc,
+            r,
+            Mat::rows(dy, m, n).t(),
+            Mat::rows(&u, m, r),
+            false,
+            l.scale,
+            Parallelism::Rayon(0),
+        )?;
+        db.par_iter_mut()
+            .zip(&acc)
+            .for_each(|(o, &v)| *o = T::from_f32(v));
+    }
+    Ok(())
+}
+
+/// The unfused backward composite (the bench's baseline, as
+/// [`forward_unfused`] is for the forward): dequantize all of `W`, widen it,
+/// then `dx = dy·W`, `h = (s·g)·A` and the masked sum as whole-matrix
+/// passes; `dA`, `dB` as in [`backward`]. Same numerics up to the order of
+/// f32 additions.
+///
+/// # Errors
+/// As [`backward`].
+pub fn backward_unfused<T: Element>(args: &BackwardArgs<'_, T>, grads: Grads<'_, T>) -> Result<()> {
+    const OP: &str = "lora backward unfused (cpu)";
+    args.validate(OP, &grads)?;
+    let fwd = &args.fwd;
+    let LinearDims { m, n, k } = fwd.dims;
+    let dy = widen(args.dy);
+    let lora = fwd.lora.as_ref().map(wide_lora);
+    let g = match &lora {
+        Some(l) => {
+            let mut g = vec![0.0f32; m * l.rank];
             gemm_f32(
-                &mut acc,
-                k,
-                Mat::rows(g, m, r).t(),
-                Mat::rows(xt, m, k),
-                false,
-                ks,
-                Parallelism::Rayon(0),
-            )?;
-            da.par_iter_mut()
-                .zip(&acc)
-                .for_each(|(o, &v)| *o = T::from_f32(v));
-        }
-        if let Some(db) = grads.db {
-            // u = ks·x̃·Aᵀ [M, r];  dB = s · dyᵀ · u   [N, r]
-            let mut u = vec![0.0f32; m * r];
-            gemm_f32(
-                &mut u,
-                r,
-                Mat::rows(xt, m, k),
-                Mat::rows(&l.a, r, k).t(),
-                false,
-                ks,
-                Parallelism::Rayon(0),
-            )?;
-            let mut acc = vec![0.0f32; n * r];
-            gemm_f32(
-                &mut acc,
-                r,
-                Mat::rows(&dy, m, n).t(),
-                Mat::rows(&u, m, r),
+                &mut g,
+                l.rank,
+                Mat::rows(&dy, m, n),
+                Mat::rows(&l.b, n, l.rank),
                 false,
                 l.scale,
                 Parallelism::Rayon(0),
             )?;
-            db.par_iter_mut()
-                .zip(&acc)
-                .for_each(|(o, &v)| *o = T::from_f32(v));
+            Some(g)
         }
+        None => None,
+    };
+    if let Some(dx_out) = grads.dx {
+        let w: Vec<f32> = match &fwd.weight {
+            BaseWeight::Nf4(v) => {
+                let mut wt = vec![T::from_f32(0.0); n * k];
+                dequantize_into(v, &mut wt)?;
+                widen(&wt)
+            }
+            BaseWeight::Dense(d) => widen(d),
+        };
+        let mut dx = vec![0.0f32; m * k];
+        gemm_f32(
+            &mut dx,
+            k,
+            Mat::rows(&dy, m, n),
+            Mat::rows(&w, n, k),
+            false,
+            1.0,
+            Parallelism::Rayon(0),
+        )?;
+        if let (Some(l), Some(g)) = (&lora, &g) {
+            add_lora_dx(fwd, l, g, &mut dx)?;
+        }
+        dx_out
+            .par_iter_mut()
+            .zip(&dx)
+            .for_each(|(o, &v)| *o = T::from_f32(v));
+    }
+    if let (Some(l), Some(g)) = (&lora, &g) {
+        factor_grads(fwd, l, g, &dy, grads.da, grads.db)?;
     }
     Ok(())
 }

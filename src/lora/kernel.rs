@@ -1,7 +1,7 @@
 //! What the `sim` and `cuda` backends share about the kernels of
 //! `kernels/lora_matmul.cu`: the choice of forward variant, the launch
 //! geometry, and the one parameter block every entry point takes.
-#![cfg_attr(not(any(feature = "sim", feature = "cuda")), allow(dead_code))]
+#![cfg_attr(not(any(feature = "sim", tli_cuda)), allow(dead_code))]
 
 use crate::lora::{Dropout, LinearDims, MAX_RANK};
 use crate::{DType, Error, Result};

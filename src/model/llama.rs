@@ -536,5 +536,6 @@ fn load_projection(
         lora: None,
         in_features: k,
         out_features: n,
+        cache: Default::default(),
     })
 }

@@ -1,23 +1,15 @@
 //! [`Projection`]: the one linear layer every `q/k/v/o_proj` and
 //! `gate/up/down_proj` goes through.
 
-use std::sync::Arc;
-
 use candle_core::{DType as CDType, Tensor, Var};
 
-use crate::lora::{Dropout, dropout_keep};
-use crate::nf4::Nf4Tensor;
+use crate::candle_ops::lora::{DeviceWeightCache, LinearWeight, LoraBranch, Nf4LoraLinear};
+use crate::lora::Dropout;
 use crate::{DType, Error, Result};
 
-/// The frozen base weight of a [`Projection`], `[out, in]` row-major.
-#[derive(Debug, Clone)]
-pub enum ProjectionWeight {
-    /// Full precision, in the model's compute dtype.
-    Dense(Tensor),
-    /// NF4 (bitsandbytes layout). Kept packed; dequantized inside each
-    /// forward pass into a temporary.
-    Nf4(Arc<Nf4Tensor>),
-}
+/// The frozen base weight of a [`Projection`], `[out, in]` row-major: NF4
+/// kept packed, or dense in the model's compute dtype.
+pub type ProjectionWeight = LinearWeight;
 
 /// A LoRA adapter on a [`Projection`]: `Δy = scale · (dropout(x) · Aᵀ) · Bᵀ`.
 #[derive(Debug, Clone)]
@@ -45,19 +37,10 @@ impl LoraAdapter {
 /// This type is the model's single contact point with the fused NF4 + LoRA
 /// op ([`crate::lora`] describes its contract): its fields are that op's
 /// operands (the weight, the optional [`LoraAdapter`] with its dropout,
-/// the bias) and [`Projection::forward`] takes `x` and the dropout seed.
-///
-/// **Until the fused op is merged**, `forward` is written with plain candle
-/// ops that follow the op's numerics: `x`, the weight (dequantized to the
-/// compute dtype `T` first, when NF4, exactly as
-/// [`crate::nf4::dequant`] writes it) and the factors are widened to f32, the
-/// base product and the LoRA branch (with `x·Aᵀ` kept in f32) are
-/// accumulated in f32, the bias added, and the sum rounded to `T` once.
-/// The dequantized weight is a temporary of the call, never stored. The
-/// dropout mask is [`crate::lora::dropout_keep`], the fused op's own. The
-/// merge replaces the body of `forward` with a call to the fused op's candle
-/// custom op (`Nf4LoraLinear`, which has its own autograd); nothing else in
-/// the model changes.
+/// the bias), and [`Projection::forward`] is one application of the candle
+/// op [`Nf4LoraLinear`], which has its own autograd (gradients to `x` and
+/// the adapter's `A` and `B`). An NF4 weight stays packed: the op
+/// dequantizes it a panel at a time inside the product.
 #[derive(Debug, Clone)]
 pub struct Projection {
     /// Base weight.
@@ -70,6 +53,9 @@ pub struct Projection {
     pub in_features: usize,
     /// Output features `N`.
     pub out_features: usize,
+    /// Device copies of an NF4 weight (feature `candle-cuda`; empty
+    /// otherwise), shared by clones.
+    pub cache: DeviceWeightCache,
 }
 
 impl Projection {
@@ -113,59 +99,37 @@ impl Projection {
     /// `y = x · Wᵀ + scale · (dropout(x) · Aᵀ) · Bᵀ + bias` for `x` of shape
     /// `[..., in]`; `y` has shape `[..., out]` and `x`'s dtype.
     ///
-    /// `train_seed` turns on the adapter's dropout with that seed (mask
-    /// [`crate::lora::dropout_keep`] over the flattened `[M, in]` input);
-    /// `None` is inference.
+    /// The adapter's f32 factors enter the op cast to `x`'s dtype (the cast
+    /// is exact in f32 compute; in bf16/f16 compute the LoRA branch sees
+    /// rounded factors, and their gradients flow back to the f32 `Var`s
+    /// through candle's cast). `train_seed` turns on the adapter's dropout
+    /// with that seed (mask [`crate::lora::dropout_keep`] over the flattened
+    /// `[M, in]` input); `None` is inference.
     ///
     /// # Errors
-    /// A candle error when `x`'s last dimension is not `in` or a tensor
-    /// operation fails.
+    /// A candle error when `x`'s last dimension is not `in`, its dtype is
+    /// not f32/bf16/f16, or a tensor operation fails.
     pub fn forward(&self, x: &Tensor, train_seed: Option<u64>) -> candle_core::Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let Some((&k, lead)) = dims.split_last() else {
-            return Err(candle_core::Error::Msg(
-                "projection input is a scalar".into(),
-            ));
+        let layer = Nf4LoraLinear {
+            weight: self.weight.clone(),
+            bias: self.bias.clone(),
+            in_features: self.in_features,
+            out_features: self.out_features,
+            cache: self.cache.clone(),
         };
-        if k != self.in_features {
-            return Err(candle_core::Error::Msg(format!(
-                "projection input has {k} features, the weight [{}, {}] expects {}",
-                self.out_features, self.in_features, self.in_features
-            )));
-        }
-        let m: usize = lead.iter().product();
+        let Some(l) = &self.lora else {
+            return layer.forward(x, None);
+        };
         let dtype = x.dtype();
-        let x2 = x.reshape((m, k))?.to_dtype(CDType::F32)?;
-        let w = self.base_weight(dtype, x)?.to_dtype(CDType::F32)?;
-        let mut y = x2.matmul(&w.t()?)?;
-        if let Some(l) = &self.lora {
-            let xl = match train_seed {
-                Some(seed) if l.dropout > 0.0 => {
-                    let d = Dropout { p: l.dropout, seed };
-                    let (thr, keep) = (d.threshold(), d.keep_scale());
-                    let mask: Vec<f32> = (0..(m * k) as u64)
-                        .map(|i| {
-                            if dropout_keep(seed, i, thr) {
-                                keep
-                            } else {
-                                0.0
-                            }
-                        })
-                        .collect();
-                    let mask = Tensor::from_vec(mask, (m, k), x.device())?;
-                    x2.mul(&mask)?
-                }
-                _ => x2.clone(),
-            };
-            let u = xl.matmul(&l.a.as_tensor().t()?)?;
-            y = y.add(&(u.matmul(&l.b.as_tensor().t()?)? * l.scale)?)?;
-        }
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.to_dtype(CDType::F32)?)?;
-        }
-        let mut out_shape = lead.to_vec();
-        out_shape.push(self.out_features);
-        y.to_dtype(dtype)?.reshape(out_shape)
+        let a = l.a.as_tensor().to_dtype(dtype)?;
+        let b = l.b.as_tensor().to_dtype(dtype)?;
+        let branch = LoraBranch {
+            a: &a,
+            b: &b,
+            scale: l.scale as f32,
+            dropout: train_seed.map(|seed| Dropout { p: l.dropout, seed }),
+        };
+        layer.forward(x, Some(&branch))
     }
 
     /// `W + scale · B · A` in f32, `[out, in]`: the weight with the adapter

@@ -111,12 +111,12 @@ fn pool<T: Element>(
             }
         }
         Device::Cuda => {
-            #[cfg(feature = "cuda")]
+            #[cfg(tli_cuda)]
             {
                 crate::backend::cuda::Cuda::global()?
                     .cosine_pool_host(h, mask, normalize, &mut out)?;
             }
-            #[cfg(not(feature = "cuda"))]
+            #[cfg(not(tli_cuda))]
             {
                 Device::Cuda.check_available()?;
             }
@@ -169,12 +169,12 @@ pub fn pooled_cosine<T: Element>(
             }
         }
         Device::Cuda => {
-            #[cfg(feature = "cuda")]
+            #[cfg(tli_cuda)]
             {
                 crate::backend::cuda::Cuda::global()?
                     .cosine_pairs_host(a, mask_a, b, mask_b, opts.eps, &mut cos, pooled)?;
             }
-            #[cfg(not(feature = "cuda"))]
+            #[cfg(not(tli_cuda))]
             {
                 let _ = pooled;
                 Device::Cuda.check_available()?;
@@ -247,11 +247,11 @@ pub fn cosine_matrix<T: Element>(
             }
         }
         Device::Cuda => {
-            #[cfg(feature = "cuda")]
+            #[cfg(tli_cuda)]
             {
                 crate::backend::cuda::Cuda::global()?.cosine_matrix_host(a, b, eps, &mut out)?;
             }
-            #[cfg(not(feature = "cuda"))]
+            #[cfg(not(tli_cuda))]
             {
                 Device::Cuda.check_available()?;
             }

@@ -36,11 +36,11 @@ pub fn forward<T: Element>(device: Device, args: &ForwardArgs<'_, T>, out: &mut 
             }
         }
         Device::Cuda => {
-            #[cfg(feature = "cuda")]
+            #[cfg(tli_cuda)]
             {
                 crate::backend::cuda::Cuda::global()?.lora_forward_host(args, out)
             }
-            #[cfg(not(feature = "cuda"))]
+            #[cfg(not(tli_cuda))]
             {
                 Device::Cuda.check_available()
             }
@@ -73,11 +73,11 @@ pub fn backward<T: Element>(
             }
         }
         Device::Cuda => {
-            #[cfg(feature = "cuda")]
+            #[cfg(tli_cuda)]
             {
                 crate::backend::cuda::Cuda::global()?.lora_backward_host(args, grads)
             }
-            #[cfg(not(feature = "cuda"))]
+            #[cfg(not(tli_cuda))]
             {
                 Device::Cuda.check_available()
             }

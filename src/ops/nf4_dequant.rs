@@ -34,11 +34,11 @@ pub fn dequantize_into<T: Element>(device: Device, src: &Nf4View<'_>, out: &mut 
             }
         }
         Device::Cuda => {
-            #[cfg(feature = "cuda")]
+            #[cfg(tli_cuda)]
             {
                 crate::backend::cuda::Cuda::global()?.nf4_dequant_host(src, out)
             }
-            #[cfg(not(feature = "cuda"))]
+            #[cfg(not(tli_cuda))]
             {
                 Device::Cuda.check_available()
             }

@@ -1,8 +1,7 @@
 //! `tli demo`: the crate's pipeline end to end on a synthetic model built in
 //! process, so it runs on a fresh clone with no download and no GPU.
 //!
-//! What it does today (the NF4 stage; training and evaluation join it as
-//! they land):
+//! Two stages. The NF4 stage ([`run`]):
 //!
 //! ```text
 //!   seed ─► synthetic Llama layer (7 projections + a norm, bf16, N(0, 0.02))
@@ -12,6 +11,13 @@
 //!        ─► compare: every device bit-identical to `cpu`;
 //!                    reconstruction error against the original weights
 //! ```
+//!
+//! The TLI stage ([`run_tli`]): a tiny synthetic Llama
+//! ([`crate::model::synthetic`], NF4 projections) and the shipped word
+//! lists go through `tli scan` (every layer, both pooling rules), `tli train`
+//! (the paper's settings) and `tli eval` (the saved PEFT adapter on a
+//! freshly built model, trained and control sets), and the evaluation's
+//! cosine kernel is rerun on every device and compared.
 //!
 //! Every number it prints was measured in this run, on the device it names.
 //! The weights are random, not a trained model: the demo shows that the
@@ -299,4 +305,209 @@ fn errors(orig: &HashMap<String, Vec<f32>>, deq: &HashMap<String, Vec<f32>>) -> 
         }
     }
     ((num / den).sqrt(), worst)
+}
+
+// ---- the TLI stage ---------------------------------------------------------
+
+/// Options of [`run_tli`]: scan → train → eval on the synthetic Llama of
+/// [`crate::model::synthetic`] with the shipped word lists.
+#[derive(Debug, Clone)]
+pub struct TliDemoOptions {
+    /// Seed of the synthetic model and of training.
+    pub seed: u64,
+    /// Quantize the model's projections to NF4 while building it (as the
+    /// paper loads its base model).
+    pub nf4: bool,
+    /// Training settings; the defaults are the paper's (layer 2, LoRA r16
+    /// alpha 32 on `q_proj`/`v_proj`, lr 2e-4 with 50 warm-up steps, 5
+    /// epochs of batch 8, margin 0.4).
+    pub train: crate::tli::TrainOptions,
+    /// Devices the evaluation's pooling/cosine kernel runs on; the first is
+    /// the reference, the others are compared with it. Devices that cannot
+    /// run here are reported and skipped.
+    pub kernel_devices: Vec<Device>,
+    /// Use only the first `n` training pairs (all when `None`).
+    pub max_pairs: Option<usize>,
+    /// Write the synthetic model directory, the adapter and the reports
+    /// here; a temporary directory (removed afterwards) when `None`.
+    pub dir: Option<PathBuf>,
+}
+
+impl Default for TliDemoOptions {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            nf4: true,
+            train: crate::tli::TrainOptions::default(),
+            kernel_devices: vec![Device::Cpu, Device::Sim, Device::Cuda],
+            max_pairs: None,
+            dir: None,
+        }
+    }
+}
+
+/// How the evaluation's cosine kernel did on one device.
+#[derive(Debug, Clone)]
+pub enum KernelOutcome {
+    /// It ran: wall time of the after-training measurement of the control
+    /// set (model forward included), and the largest |cosine − evaluation's
+    /// cosine|.
+    Ran {
+        /// Wall time.
+        time: Duration,
+        /// Largest difference from the evaluation (run on the first device).
+        max_abs_diff: f64,
+    },
+    /// It cannot run here; the reason.
+    Skipped(String),
+}
+
+/// What [`run_tli`] measured.
+#[derive(Debug, Clone)]
+pub struct TliDemoReport {
+    /// The synthetic model's architecture.
+    pub config: crate::model::LlamaConfig,
+    /// Whether its projections were NF4.
+    pub nf4: bool,
+    /// Pairs trained on and held out.
+    pub pairs: (usize, usize),
+    /// The layer scan of the training pairs before training, both poolings.
+    pub scan: crate::tli::ScanReport,
+    /// The training run.
+    pub train: crate::tli::TrainReport,
+    /// Before/after evaluation of the saved adapter on a freshly built
+    /// model.
+    pub eval: crate::tli::EvalReport,
+    /// The evaluation's kernels per device.
+    pub kernels: Vec<(Device, KernelOutcome)>,
+    /// Wall times: building the model, scan, train, eval.
+    pub times: [Duration; 4],
+}
+
+/// Run scan → train → eval on the synthetic model with the shipped lists.
+///
+/// The model is built twice from the same seed: once to scan and train,
+/// and once fresh for the evaluation, which loads the adapter from the
+/// PEFT files training wrote (so the round trip is part of the demo).
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for an empty device list; errors of the
+/// model, the ops, training and the files it writes.
+pub fn run_tli(opts: &TliDemoOptions) -> Result<TliDemoReport> {
+    use crate::model::{LoadOptions, synthetic};
+    use crate::tli::{EvalOptions, Pooling, PoolingChoice, ScanOptions};
+
+    const OP: &str = "demo";
+    let Some(&reference) = opts.kernel_devices.first() else {
+        return Err(Error::invalid(OP, "no devices to run the kernels on"));
+    };
+    reference.check_available()?;
+    let tmp;
+    let dir: &Path = match &opts.dir {
+        Some(d) => d,
+        None => {
+            tmp = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+            tmp.path()
+        }
+    };
+    let (mut trained, control) = crate::pairs::shipped()?;
+    if let Some(n) = opts.max_pairs {
+        trained.truncate(n);
+    }
+    let load = LoadOptions {
+        quantize: opts.nf4.then(QuantizeOptions::default),
+        ..LoadOptions::default()
+    };
+    let t = Instant::now();
+    let (mut model, tok) = synthetic::build(opts.seed, &load)?;
+    let build_time = t.elapsed();
+    if opts.dir.is_some() {
+        synthetic::write_dir(dir.join("model"), opts.seed)?;
+    }
+
+    let t = Instant::now();
+    let scan = crate::tli::scan(
+        &model,
+        &tok,
+        &trained,
+        &ScanOptions {
+            layers: None,
+            pooling: PoolingChoice::Both,
+            device: reference,
+        },
+    )?;
+    let scan_time = t.elapsed();
+
+    let adapter = dir.join("adapter");
+    let train_opts = crate::tli::TrainOptions {
+        seed: opts.seed,
+        out: Some(adapter.clone()),
+        log: Some(adapter.join("train_log.jsonl")),
+        ..opts.train.clone()
+    };
+    let t = Instant::now();
+    let train = crate::tli::train(&mut model, &tok, &trained, &train_opts, &mut |_| {})?;
+    let train_time = t.elapsed();
+    drop(model);
+
+    let t = Instant::now();
+    let (mut fresh, _) = synthetic::build(opts.seed, &load)?;
+    let eval_opts = EvalOptions {
+        layer: train_opts.layer,
+        pooling: Pooling::Words,
+        device: reference,
+    };
+    let sets: [(&str, &[crate::pairs::Pair]); 2] = [("trained", &trained), ("control", &control)];
+    let eval = crate::tli::evaluate_adapter(&mut fresh, &tok, &sets, &adapter, &eval_opts)?;
+    let eval_time = t.elapsed();
+
+    // The control set's after-training cosines again on every device (the
+    // first must reproduce the evaluation exactly, the others agree to
+    // rounding).
+    let mut kernels = Vec::new();
+    for &dev in &opts.kernel_devices {
+        if let Err(e) = dev.check_available() {
+            kernels.push((dev, KernelOutcome::Skipped(e.to_string())));
+            continue;
+        }
+        let t = Instant::now();
+        let mut worst = 0.0f64;
+        let o = EvalOptions {
+            device: dev,
+            ..eval_opts
+        };
+        let c = crate::tli::eval::measure(&fresh, &tok, &control, &o)?;
+        let after = eval
+            .sets
+            .iter()
+            .find(|(name, _)| name == "control")
+            .map(|(_, r)| r.after.as_slice())
+            .ok_or_else(|| Error::invalid(OP, "internal: no control set in the evaluation"))?;
+        for (x, y) in c.iter().zip(after) {
+            worst = worst.max((f64::from(*x) - f64::from(*y)).abs());
+        }
+        kernels.push((
+            dev,
+            KernelOutcome::Ran {
+                time: t.elapsed(),
+                max_abs_diff: worst,
+            },
+        ));
+    }
+    if opts.dir.is_some() {
+        crate::tli::plot::write_text(&dir.join("scan.json"), &scan.to_json()?)?;
+        crate::tli::plot::write_text(&dir.join("scan.svg"), &crate::tli::plot::scan_svg(&scan)?)?;
+        crate::tli::plot::write_text(&dir.join("eval.json"), &eval.to_json()?)?;
+        crate::tli::plot::write_text(&dir.join("eval.svg"), &crate::tli::plot::eval_svg(&eval)?)?;
+    }
+    Ok(TliDemoReport {
+        config: fresh.config.clone(),
+        nf4: opts.nf4,
+        pairs: (trained.len(), control.len()),
+        scan,
+        train,
+        eval,
+        kernels,
+        times: [build_time, scan_time, train_time, eval_time],
+    })
 }

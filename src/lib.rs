@@ -13,12 +13,15 @@
 //!   for the host and run under `kernels/sim`) and `cuda` (PTX on a GPU).
 //! * [`pairs`]: the Swahili–English word lists TLI trains and evaluates on,
 //!   their `swahili<TAB>english` format and parser, and the shipped lists.
+//! * [`tli`]: the TLI pipeline — layer scan, training, before/after
+//!   evaluation with statistics, plots.
 //!
 //! The `tli` binary drives them (see the README).
 
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod bench;
 pub mod candle_ops;
 pub mod cosine;
 pub mod demo;
@@ -32,6 +35,7 @@ pub mod nf4;
 pub mod ops;
 pub mod pairs;
 pub mod roofline;
+pub mod tli;
 
 pub use backend::Device;
 pub use dtype::{DType, Element};

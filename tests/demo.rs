@@ -108,7 +108,7 @@ fn bad_options_are_errors() {
 #[test]
 fn cli_demo_says_synthetic_and_reports_each_device() {
     let out = Command::new(env!("CARGO_BIN_EXE_tli"))
-        .args(["demo", "--devices", "cpu,sim,cuda"])
+        .args(["demo", "--devices", "cpu,sim,cuda", "--epochs", "1"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -131,6 +131,21 @@ fn cli_demo_says_synthetic_and_reports_each_device() {
         cuda_line.contains("skipped: ") || cuda_line.contains("bit-identical"),
         "{cuda_line}"
     );
+    // The TLI stage: synthetic, said plainly; scan, train, eval; kernels.
+    assert!(stdout.contains("TLI on a SYNTHETIC model"), "{stdout}");
+    for needle in [
+        "1. scan",
+        "words mean (sd)",
+        "2. train",
+        "mean loss per epoch",
+        "3. eval",
+        "trained    625",
+        "control     63",
+        "kernel on cpu",
+        "kernel on sim",
+    ] {
+        assert!(stdout.contains(needle), "{needle}:\n{stdout}");
+    }
 }
 
 #[test]
@@ -141,4 +156,81 @@ fn cli_demo_rejects_unknown_device() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("tpu"));
+}
+
+#[test]
+fn tli_stage_scans_trains_and_improves_reproducibly() {
+    use tli_kernels::demo::{KernelOutcome, TliDemoOptions, run_tli};
+    use tli_kernels::tli::TrainOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let opts = TliDemoOptions {
+        seed: 5,
+        train: TrainOptions {
+            epochs: 2,
+            warmup: 2,
+            lr: 5e-3,
+            ..TrainOptions::default()
+        },
+        kernel_devices: vec![Device::Cpu, Device::Sim],
+        max_pairs: Some(48),
+        dir: Some(dir.path().to_path_buf()),
+        ..TliDemoOptions::default()
+    };
+    let r = run_tli(&opts).unwrap();
+    assert!(r.nf4);
+    assert_eq!(r.pairs, (48, 63));
+    // Indices 0..=4 of the 4-block model, both poolings.
+    assert_eq!(r.scan.layers.len(), 10);
+    assert_eq!(r.train.steps.len(), 2 * 6);
+    let e = r.train.epoch_losses();
+    assert!(e[1] < e[0], "{e:?}");
+    let (name, t) = &r.eval.sets[0];
+    assert_eq!(name, "trained");
+    assert_eq!(t.n, 48);
+    // The before column is the scan's layer-2 words column.
+    let scanned = r
+        .scan
+        .get(2, tli_kernels::tli::Pooling::Words)
+        .unwrap()
+        .cosines
+        .clone();
+    assert_eq!(t.before, scanned);
+    assert!(t.after_mean > t.before_mean, "{t:?}");
+    assert!(t.t > 0.0 && t.p < 1e-3, "t {} p {}", t.t, t.p);
+    assert_eq!(r.eval.sets[1].1.n, 63);
+    // The simulator's kernel agrees with the CPU's to f32 rounding, and the
+    // CPU reproduces the evaluation exactly.
+    match &r.kernels[0] {
+        (Device::Cpu, KernelOutcome::Ran { max_abs_diff, .. }) => assert_eq!(*max_abs_diff, 0.0),
+        other => panic!("{other:?}"),
+    }
+    match &r.kernels[1] {
+        (Device::Sim, KernelOutcome::Ran { max_abs_diff, .. }) => {
+            assert!(*max_abs_diff < 1e-5, "{max_abs_diff}")
+        }
+        other => panic!("{other:?}"),
+    }
+    for f in [
+        "model/config.json",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/train_log.jsonl",
+        "scan.json",
+        "scan.svg",
+        "eval.json",
+        "eval.svg",
+    ] {
+        assert!(dir.path().join(f).is_file(), "{f} missing");
+    }
+    // The same seed gives the same numbers.
+    let again = run_tli(&TliDemoOptions {
+        dir: None,
+        kernel_devices: vec![Device::Cpu],
+        ..opts.clone()
+    })
+    .unwrap();
+    assert_eq!(again.eval.sets[0].1.after, t.after);
+    assert_eq!(again.eval.sets[1].1.after, r.eval.sets[1].1.after);
 }

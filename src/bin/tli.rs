@@ -18,6 +18,10 @@ use tli_kernels::nf4::checkpoint::{self, FileReport, Progress};
 use tli_kernels::nf4::quantize::QuantizeOptions;
 use tli_kernels::{DType, Device, kernels};
 
+// In a subdirectory: a file directly in src/bin/ would be taken for a binary.
+#[path = "tli/pipeline.rs"]
+mod pipeline;
+
 /// Targeted Lexical Injection with hand-written NF4 / LoRA / cosine kernels.
 #[derive(Debug, Parser)]
 #[command(name = "tli", version, about, propagate_version = true)]
@@ -32,8 +36,21 @@ enum Command {
     /// safetensors files.
     #[command(subcommand)]
     Nf4(Nf4Command),
+    /// Alignment of word pairs at every layer (mean, sd, per-pair cosine),
+    /// both pooling rules side by side.
+    Scan(pipeline::ScanArgs),
+    /// The TLI step: LoRA on the early blocks trained with a triplet loss
+    /// on word pairs; writes a PEFT adapter.
+    Train(pipeline::TrainArgs),
+    /// Per-pair alignment before and after an adapter, with a paired t-test
+    /// per set (trained, control).
+    Eval(pipeline::EvalArgs),
+    /// Time the ops at Llama-3-8B shapes: GB/s or TFLOP/s and roofline
+    /// floors (this CPU, H100).
+    Bench(pipeline::BenchArgs),
     /// Run the pipeline on a synthetic model built in process (no download,
-    /// no GPU needed): quantize to NF4, dequantize on every device, compare.
+    /// no GPU needed): quantize to NF4, dequantize on every device, compare;
+    /// then scan, train and evaluate TLI on a tiny synthetic Llama.
     Demo(DemoArgs),
     /// Version, compiled features, kernels and embedded PTX, and whether a
     /// CUDA device can be used here.
@@ -102,6 +119,9 @@ struct DemoArgs {
     /// directory, removed afterwards).
     #[arg(long, value_name = "DIR")]
     keep: Option<PathBuf>,
+    /// Training epochs of the TLI stage (0 skips scan, train and eval).
+    #[arg(long, default_value_t = 5)]
+    epochs: usize,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -175,6 +195,10 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Nf4(Nf4Command::Dequantize(a)) => nf4_dequantize(&a),
         Command::Nf4(Nf4Command::Quantize(a)) => nf4_quantize(&a),
+        Command::Scan(a) => pipeline::scan_cmd(&a),
+        Command::Train(a) => pipeline::train_cmd(&a),
+        Command::Eval(a) => pipeline::eval_cmd(&a),
+        Command::Bench(a) => pipeline::bench_cmd(&a),
         Command::Demo(a) => demo(&a),
         Command::Info => info(),
     }
@@ -373,11 +397,14 @@ fn demo(a: &DemoArgs) -> Result<()> {
         "reconstruction: ||deq(W) - W|| / ||W|| = {:.4}; worst |error| / block absmax = {:.4}",
         r.relative_error, r.max_block_error
     );
-    if let Some(dir) = &opts.dir {
-        println!("files kept in {}", dir.display());
-    }
     if !r.all_bit_exact() {
         anyhow::bail!("devices disagree: see above");
+    }
+    if a.epochs > 0 {
+        pipeline::demo_tli(a.seed, a.epochs, &opts.devices, a.keep.as_deref())?;
+    }
+    if let Some(dir) = &opts.dir {
+        println!("files kept in {}", dir.display());
     }
     Ok(())
 }

@@ -1,0 +1,242 @@
+//! Word embeddings at a layer and the per-pair cosines scan and eval report.
+//!
+//! Each word or phrase is tokenized alone, with no prompt (the tokenizer's
+//! post-processor adds BOS). Its embedding at hidden-state index `i`
+//! (transformers' `output_hidden_states` numbering: 0 is the embedding
+//! output, `i` the output of block `i − 1`) is the masked mean of that
+//! layer's hidden states, L2-normalised; the alignment of a pair is the
+//! cosine of its Swahili and English embeddings. Two pooling rules
+//! ([`Pooling`]): every attention-masked token (BOS included), or the word's
+//! own tokens only.
+//!
+//! The pooling and cosine run through [`crate::ops::cosine::pooled_cosine`]
+//! (the fused kernel) on the [`Device`] asked for; the model itself runs on
+//! candle.
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use candle_core::DType as CDType;
+use serde::{Serialize, Serializer};
+
+use crate::cosine::{Hidden, PairOptions};
+use crate::model::{ForwardOptions, LlamaConfig, LlamaTokenizer, LoadOptions};
+use crate::model::{Llama, candle_device};
+use crate::nf4::quantize::QuantizeOptions;
+use crate::pairs::Pair;
+use crate::{Device, Error, Result};
+
+/// How a word's hidden states are pooled into one vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Pooling {
+    /// The word's own tokens: BOS, EOS and padding excluded (the paper's
+    /// before/after evaluation).
+    Words,
+    /// Every attention-masked token, BOS included (the paper's pilot scan
+    /// and its training loss). From block 1 on BOS dominates this mean, so
+    /// it gives near-1 cosines for every pair.
+    All,
+}
+
+impl Pooling {
+    /// `"words"` or `"all"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Pooling::Words => "words",
+            Pooling::All => "all",
+        }
+    }
+}
+
+impl fmt::Display for Pooling {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Pooling {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "words" | "word" => Ok(Pooling::Words),
+            "all" => Ok(Pooling::All),
+            other => Err(Error::invalid(
+                "pooling",
+                format!("unknown pooling {other:?} (expected words or all)"),
+            )),
+        }
+    }
+}
+
+impl Serialize for Pooling {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+/// How many pairs go through the model in one forward pass.
+pub const CHUNK_PAIRS: usize = 64;
+
+/// Per-pair cosines of `pairs` at hidden-state indices `layers` under each
+/// of `poolings`: `out[l][p][i]` is pair `i` at `layers[l]` pooled by
+/// `poolings[p]`. No dropout (inference); adapters attached to `model` are
+/// applied.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for no pairs, no layers or no poolings, or a
+/// layer beyond the model or the loaded blocks; tokenizer, model and
+/// cosine-op errors (a `device` that cannot run here gives
+/// [`Error::NoCudaDevice`] or [`Error::InvalidArgument`]).
+pub fn pair_cosines(
+    model: &Llama,
+    tok: &LlamaTokenizer,
+    pairs: &[Pair],
+    layers: &[usize],
+    poolings: &[Pooling],
+    device: Device,
+) -> Result<Vec<Vec<Vec<f32>>>> {
+    const OP: &str = "pair cosines";
+    if pairs.is_empty() {
+        return Err(Error::invalid(OP, "no pairs"));
+    }
+    if layers.is_empty() || poolings.is_empty() {
+        return Err(Error::invalid(
+            OP,
+            "no layers or no pooling rules asked for",
+        ));
+    }
+    let top = layers.iter().copied().max().unwrap_or(0);
+    let l = model.config.num_hidden_layers;
+    if top > l {
+        return Err(Error::invalid(
+            OP,
+            format!("hidden-state index {top} asked for, the model has indices 0..={l}"),
+        ));
+    }
+    device.check_available()?;
+    let mut out = vec![vec![Vec::with_capacity(pairs.len()); poolings.len()]; layers.len()];
+    for chunk in pairs.chunks(CHUNK_PAIRS) {
+        let c = chunk.len();
+        let texts: Vec<&str> = chunk
+            .iter()
+            .map(|p| p.swahili.as_str())
+            .chain(chunk.iter().map(|p| p.english.as_str()))
+            .collect();
+        let enc = tok.encode_batch(&texts)?;
+        let (ids, mask) = enc.tensors(&model.device)?;
+        let states = model.hidden_states(
+            &ids,
+            &mask,
+            &ForwardOptions {
+                up_to: Some(top),
+                train_seed: None,
+            },
+        )?;
+        let s = enc.ids[0].len();
+        let masks: Vec<Vec<u8>> = poolings
+            .iter()
+            .map(|p| {
+                let rows = match p {
+                    Pooling::All => enc.attention_mask.clone(),
+                    Pooling::Words => enc.word_mask(),
+                };
+                rows.into_iter()
+                    .flatten()
+                    .map(|v| u8::from(v != 0))
+                    .collect()
+            })
+            .collect();
+        for (li, &layer) in layers.iter().enumerate() {
+            let h: Vec<f32> = states[layer]
+                .to_dtype(CDType::F32)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1())
+                .map_err(Error::candle(OP))?;
+            let d = h.len() / (2 * c * s);
+            let (ha, hb) = h.split_at(c * s * d);
+            let a = Hidden::contiguous(ha, c, s, d);
+            let b = Hidden::contiguous(hb, c, s, d);
+            for (pi, m) in masks.iter().enumerate() {
+                let (ma, mb) = m.split_at(c * s);
+                let r = crate::ops::cosine::pooled_cosine(
+                    device,
+                    &a,
+                    Some(ma),
+                    &b,
+                    Some(mb),
+                    PairOptions::default(),
+                )?;
+                out[li][pi].extend(r.cos);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// How to load a model directory.
+#[derive(Debug, Clone)]
+pub struct ModelOptions {
+    /// Compute dtype (f32, bf16 or f16).
+    pub dtype: CDType,
+    /// Quantize the projections to NF4 while loading (bitsandbytes'
+    /// defaults: blocksize 64, no double quantization), as
+    /// `load_in_4bit` does.
+    pub quantize: bool,
+    /// Run the model on CUDA device 0 (needs the `candle-cuda` feature and
+    /// a GPU).
+    pub cuda: bool,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        Self {
+            dtype: CDType::F32,
+            quantize: false,
+            cuda: false,
+        }
+    }
+}
+
+/// Load the model and tokenizer in `dir`, with only the first `num_layers`
+/// blocks when given (enough for hidden states up to that index).
+///
+/// # Errors
+/// [`Error::NoCudaDevice`] when CUDA is asked for and cannot be used; as
+/// [`Llama::load`] and [`LlamaTokenizer::from_dir`].
+pub fn load_model(
+    dir: &Path,
+    opts: &ModelOptions,
+    num_layers: Option<usize>,
+) -> Result<(Llama, LlamaTokenizer)> {
+    let device = candle_device(opts.cuda.then_some(0))?;
+    let config = LlamaConfig::from_file(dir.join("config.json"))?;
+    let tok = LlamaTokenizer::from_dir(dir, Some(&config))?;
+    let num_layers = num_layers.map(|n| n.min(config.num_hidden_layers));
+    let model = Llama::load(
+        dir,
+        &LoadOptions {
+            dtype: opts.dtype,
+            device,
+            quantize: opts.quantize.then(QuantizeOptions::default),
+            num_layers,
+        },
+    )?;
+    Ok((model, tok))
+}
+
+/// The number of blocks that must be loaded to apply the adapter in
+/// `adapter_dir` (all of them unless its config names
+/// `layers_to_transform`), or `None` for all.
+///
+/// # Errors
+/// As [`crate::model::LoraConfig::from_file`].
+pub fn adapter_blocks(adapter_dir: &Path) -> Result<Option<usize>> {
+    let cfg =
+        crate::model::LoraConfig::from_file(adapter_dir.join(crate::model::lora::CONFIG_FILE))?;
+    Ok(cfg
+        .layers
+        .and_then(|l| l.iter().copied().max())
+        .map(|m| m + 1))
+}

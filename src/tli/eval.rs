@@ -1,0 +1,322 @@
+//! `tli eval`: per-pair alignment before and after an adapter, with a paired
+//! t-test per set.
+//!
+//! JSON (stable; fields may be added):
+//!
+//! ```text
+//! {"layer": i, "pooling": "words"|"all",
+//!  "sets": {"trained": {"n", "before_mean", "before_sd", "after_mean",
+//!                       "after_sd", "change", "change_pct", "t", "df", "p",
+//!                       "improved", "worsened", "before": [...],
+//!                       "after": [...], "pairs": [[sw, en], ...]},
+//!           "control": {...}}}
+//! ```
+//!
+//! Sets appear in the order given (`trained`, then `control`). `change` is
+//! `after_mean − before_mean`, `change_pct` is `100 · change / before_mean`.
+//! `t`, `df`, `p` are the paired t-test of [`super::stats::paired_t_test`]
+//! (`null` where undefined). A pair *improved* when its cosine after is
+//! strictly greater than before, *worsened* when strictly smaller.
+
+use std::path::Path;
+
+use serde::ser::SerializeMap;
+use serde::{Serialize, Serializer};
+
+use super::embed::{Pooling, pair_cosines};
+use super::stats::{mean, paired_t_test, sd};
+use crate::model::{Llama, LlamaTokenizer};
+use crate::pairs::Pair;
+use crate::{Device, Error, Result};
+
+/// One set's before/after comparison.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SetReport {
+    /// Number of pairs.
+    pub n: usize,
+    /// Mean cosine before.
+    pub before_mean: f64,
+    /// Sample standard deviation before.
+    pub before_sd: f64,
+    /// Mean cosine after.
+    pub after_mean: f64,
+    /// Sample standard deviation after.
+    pub after_sd: f64,
+    /// `after_mean − before_mean`.
+    pub change: f64,
+    /// `100 · change / before_mean`.
+    pub change_pct: f64,
+    /// Paired t statistic.
+    pub t: f64,
+    /// Degrees of freedom (`n − 1`).
+    pub df: usize,
+    /// Two-sided p value.
+    pub p: f64,
+    /// Pairs whose cosine rose.
+    pub improved: usize,
+    /// Pairs whose cosine fell.
+    pub worsened: usize,
+    /// Per-pair cosines before, input order.
+    pub before: Vec<f32>,
+    /// Per-pair cosines after, input order.
+    pub after: Vec<f32>,
+    /// The pairs, `[swahili, english]`.
+    pub pairs: Vec<(String, String)>,
+}
+
+impl SetReport {
+    /// Summarise per-pair cosines before and after.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] when the lengths of `pairs`, `before` and
+    /// `after` differ; as [`paired_t_test`].
+    pub fn new(pairs: &[Pair], before: Vec<f32>, after: Vec<f32>) -> Result<Self> {
+        if before.len() != pairs.len() {
+            return Err(Error::shape(
+                "eval",
+                "cosines before",
+                pairs.len(),
+                before.len(),
+            ));
+        }
+        let b: Vec<f64> = before.iter().map(|&v| f64::from(v)).collect();
+        let a: Vec<f64> = after.iter().map(|&v| f64::from(v)).collect();
+        let test = paired_t_test(&b, &a)?;
+        let (before_mean, after_mean) = (mean(&b), mean(&a));
+        let change = after_mean - before_mean;
+        Ok(Self {
+            n: pairs.len(),
+            before_mean,
+            before_sd: sd(&b),
+            after_mean,
+            after_sd: sd(&a),
+            change,
+            change_pct: 100.0 * change / before_mean,
+            t: test.t,
+            df: test.df,
+            p: test.p,
+            improved: a.iter().zip(&b).filter(|(x, y)| x > y).count(),
+            worsened: a.iter().zip(&b).filter(|(x, y)| x < y).count(),
+            before,
+            after,
+            pairs: pairs
+                .iter()
+                .map(|p| (p.swahili.clone(), p.english.clone()))
+                .collect(),
+        })
+    }
+}
+
+/// What [`evaluate`] measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalReport {
+    /// Hidden-state index.
+    pub layer: usize,
+    /// Pooling rule.
+    pub pooling: Pooling,
+    /// `(name, report)` per set, in the order given.
+    pub sets: Vec<(String, SetReport)>,
+}
+
+struct OrderedSets<'a>(&'a [(String, SetReport)]);
+
+impl Serialize for OrderedSets<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in self.0 {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
+}
+
+impl Serialize for EvalReport {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(3))?;
+        m.serialize_entry("layer", &self.layer)?;
+        m.serialize_entry("pooling", &self.pooling)?;
+        m.serialize_entry("sets", &OrderedSets(&self.sets))?;
+        m.end()
+    }
+}
+
+/// Options of [`evaluate`].
+#[derive(Debug, Clone, Copy)]
+pub struct EvalOptions {
+    /// Hidden-state index (the paper: 2).
+    pub layer: usize,
+    /// Pooling rule (the paper: words).
+    pub pooling: Pooling,
+    /// Where the pooling and cosine kernels run.
+    pub device: Device,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        Self {
+            layer: 2,
+            pooling: Pooling::Words,
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// Per-pair cosines of one set at one layer under one pooling rule.
+///
+/// # Errors
+/// As [`pair_cosines`].
+pub fn measure(
+    model: &Llama,
+    tok: &LlamaTokenizer,
+    pairs: &[Pair],
+    opts: &EvalOptions,
+) -> Result<Vec<f32>> {
+    let mut c = pair_cosines(
+        model,
+        tok,
+        pairs,
+        &[opts.layer],
+        &[opts.pooling],
+        opts.device,
+    )?;
+    Ok(c.pop().and_then(|mut v| v.pop()).unwrap_or_default())
+}
+
+/// Evaluate an adapter: measure every set on `model` as it is (the
+/// "before"), apply the adapter with `apply` (e.g. load a PEFT directory),
+/// measure again (the "after") and compare.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for no sets; as [`measure`], `apply` and
+/// [`SetReport::new`].
+pub fn evaluate<F>(
+    model: &mut Llama,
+    tok: &LlamaTokenizer,
+    sets: &[(&str, &[Pair])],
+    opts: &EvalOptions,
+    apply: F,
+) -> Result<EvalReport>
+where
+    F: FnOnce(&mut Llama) -> Result<()>,
+{
+    if sets.is_empty() {
+        return Err(Error::invalid("eval", "no sets to evaluate"));
+    }
+    let before: Vec<Vec<f32>> = sets
+        .iter()
+        .map(|(_, p)| measure(model, tok, p, opts))
+        .collect::<Result<_>>()?;
+    apply(model)?;
+    let mut out = Vec::with_capacity(sets.len());
+    for ((name, pairs), b) in sets.iter().zip(before) {
+        let a = measure(model, tok, pairs, opts)?;
+        out.push((name.to_string(), SetReport::new(pairs, b, a)?));
+    }
+    Ok(EvalReport {
+        layer: opts.layer,
+        pooling: opts.pooling,
+        sets: out,
+    })
+}
+
+/// [`evaluate`] with the PEFT adapter in `adapter_dir`.
+///
+/// # Errors
+/// As [`evaluate`] and [`crate::model::lora::load_peft`].
+pub fn evaluate_adapter(
+    model: &mut Llama,
+    tok: &LlamaTokenizer,
+    sets: &[(&str, &[Pair])],
+    adapter_dir: &Path,
+    opts: &EvalOptions,
+) -> Result<EvalReport> {
+    evaluate(model, tok, sets, opts, |m| {
+        crate::model::lora::load_peft(m, adapter_dir).map(|_| ())
+    })
+}
+
+/// A p value for a table: 3 significant digits, or `< 1e-300` when it
+/// underflows to 0 (t beyond about 40 with hundreds of pairs).
+pub fn format_p(p: f64) -> String {
+    if p == 0.0 {
+        "< 1e-300".to_string()
+    } else {
+        format!("{p:.3e}")
+    }
+}
+
+impl EvalReport {
+    /// The report as pretty JSON.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] if serialisation fails (it does not for
+    /// these types).
+    pub fn to_json(&self) -> Result<String> {
+        serde_json::to_string_pretty(self).map_err(|e| Error::invalid("eval json", e.to_string()))
+    }
+
+    /// One CSV row per pair: `set,swahili,english,before,after,change`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] if the CSV writer fails (it does not when
+    /// writing to memory).
+    pub fn to_csv(&self) -> Result<String> {
+        let fail = |e: csv::Error| Error::invalid("eval csv", e.to_string());
+        let mut w = csv::Writer::from_writer(Vec::new());
+        w.write_record(["set", "swahili", "english", "before", "after", "change"])
+            .map_err(fail)?;
+        for (name, s) in &self.sets {
+            for ((sw, en), (b, a)) in s.pairs.iter().zip(s.before.iter().zip(&s.after)) {
+                w.write_record([
+                    name.as_str(),
+                    sw.as_str(),
+                    en.as_str(),
+                    &b.to_string(),
+                    &a.to_string(),
+                    &(f64::from(*a) - f64::from(*b)).to_string(),
+                ])
+                .map_err(fail)?;
+            }
+        }
+        let bytes = w
+            .into_inner()
+            .map_err(|e| Error::invalid("eval csv", e.to_string()))?;
+        String::from_utf8(bytes).map_err(|e| Error::invalid("eval csv", e.to_string()))
+    }
+
+    /// A terminal table: one row per set.
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "layer {}, pooling {}\n{:<8} {:>5}  {:>16}  {:>16}  {:>9}  {:>14}  {:>9}  {:>8}  {:>8}\n",
+            self.layer,
+            self.pooling,
+            "set",
+            "n",
+            "before (sd)",
+            "after (sd)",
+            "change",
+            "paired t (df)",
+            "p",
+            "improved",
+            "worsened"
+        );
+        for (name, r) in &self.sets {
+            s.push_str(&format!(
+                "{:<8} {:>5}  {:>7.4} ({:.4})  {:>7.4} ({:.4})  {:>+8.2}%  {:>8.2} ({:>3})  {:>9}  {:>8}  {:>8}\n",
+                name,
+                r.n,
+                r.before_mean,
+                r.before_sd,
+                r.after_mean,
+                r.after_sd,
+                r.change_pct,
+                r.t,
+                r.df,
+                format_p(r.p),
+                r.improved,
+                r.worsened
+            ));
+        }
+        s
+    }
+}

@@ -1,0 +1,25 @@
+//! Targeted Lexical Injection: the library behind `tli scan`, `tli train`
+//! and `tli eval` (the method and its settings are described in the
+//! README and the module docs of each part).
+//!
+//! * [`embed`]: word embeddings at a layer (two pooling rules) and per-pair
+//!   cosines through the fused cosine op; loading a model directory.
+//! * [`mod@scan`]: alignment of every layer, both pooling rules side by side.
+//! * [`mod@train`]: the TLI step (triplet loss with the hardest in-batch
+//!   negative, LoRA on the early blocks, AdamW with linear warm-up and
+//!   decay) and its PEFT checkpoints.
+//! * [`eval`]: before/after per pair with a paired t-test per set.
+//! * [`stats`]: means, standard deviations, the paired t-test.
+//! * [`plot`]: SVG plots of scan and eval reports.
+
+pub mod embed;
+pub mod eval;
+pub mod plot;
+pub mod scan;
+pub mod stats;
+pub mod train;
+
+pub use embed::{ModelOptions, Pooling, load_model, pair_cosines};
+pub use eval::{EvalOptions, EvalReport, SetReport, evaluate, evaluate_adapter};
+pub use scan::{LayerAlignment, PoolingChoice, ScanOptions, ScanReport, scan};
+pub use train::{LinearSchedule, StepInfo, TrainOptions, TrainReport, train};

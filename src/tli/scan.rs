@@ -1,0 +1,221 @@
+//! `tli scan`: alignment of word pairs at every layer, under one or both
+//! pooling rules.
+//!
+//! A layer's alignment is the mean over pairs of the cosine of the Swahili
+//! and English embeddings (see [`super::embed`]); the report keeps every
+//! pair's cosine, in input order, so any other statistic can be computed
+//! from the JSON.
+//!
+//! JSON (stable; fields may be added):
+//!
+//! ```text
+//! {"pooling": "words"|"all"|"both",
+//!  "layers": [{"index": i, "pooling": "words"|"all", "mean": m, "sd": s,
+//!              "cosines": [per pair, input order]}, ...],
+//!  "pairs": [[sw, en], ...]}
+//! ```
+//!
+//! `layers` is ordered by index, and within an index `words` before `all`.
+//! `sd` is the sample standard deviation (`null` for a single pair).
+
+use serde::Serialize;
+
+use super::embed::{Pooling, pair_cosines};
+use super::stats::{mean, sd};
+use crate::model::{Llama, LlamaTokenizer};
+use crate::pairs::Pair;
+use crate::{Device, Error, Result};
+
+/// Which pooling rules a scan reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolingChoice {
+    /// One rule.
+    One(Pooling),
+    /// Both, side by side (`words` then `all`).
+    Both,
+}
+
+impl PoolingChoice {
+    /// The rules, in report order.
+    pub fn rules(self) -> Vec<Pooling> {
+        match self {
+            PoolingChoice::One(p) => vec![p],
+            PoolingChoice::Both => vec![Pooling::Words, Pooling::All],
+        }
+    }
+
+    /// `"words"`, `"all"` or `"both"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            PoolingChoice::One(p) => p.name(),
+            PoolingChoice::Both => "both",
+        }
+    }
+}
+
+impl std::str::FromStr for PoolingChoice {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        if s.trim().eq_ignore_ascii_case("both") {
+            Ok(PoolingChoice::Both)
+        } else {
+            s.parse::<Pooling>().map(PoolingChoice::One).map_err(|_| {
+                Error::invalid(
+                    "pooling",
+                    format!("unknown pooling {s:?} (expected words, all or both)"),
+                )
+            })
+        }
+    }
+}
+
+/// Options of [`scan`].
+#[derive(Debug, Clone)]
+pub struct ScanOptions {
+    /// Hidden-state indices to scan; `None` for every one (`0..=L`).
+    pub layers: Option<Vec<usize>>,
+    /// Pooling rule(s).
+    pub pooling: PoolingChoice,
+    /// Where the pooling and cosine kernels run.
+    pub device: Device,
+}
+
+impl Default for ScanOptions {
+    fn default() -> Self {
+        Self {
+            layers: None,
+            pooling: PoolingChoice::Both,
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// One layer under one pooling rule.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LayerAlignment {
+    /// Hidden-state index.
+    pub index: usize,
+    /// Pooling rule.
+    pub pooling: Pooling,
+    /// Mean cosine over pairs.
+    pub mean: f64,
+    /// Sample standard deviation of the cosines (NaN, `null` in JSON, for
+    /// one pair).
+    pub sd: f64,
+    /// Each pair's cosine, in input order.
+    pub cosines: Vec<f32>,
+}
+
+/// What [`scan`] measured.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ScanReport {
+    /// `"words"`, `"all"` or `"both"`.
+    pub pooling: &'static str,
+    /// Per layer and pooling rule (by index, `words` first).
+    pub layers: Vec<LayerAlignment>,
+    /// The pairs, `[swahili, english]`, in input order.
+    pub pairs: Vec<(String, String)>,
+    /// The device the pooling and cosine kernels ran on.
+    pub device: String,
+}
+
+/// Scan `pairs` through `model` (with whatever adapters it carries).
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for an empty or repeated layer list or a layer
+/// beyond the model; as [`pair_cosines`].
+pub fn scan(
+    model: &Llama,
+    tok: &LlamaTokenizer,
+    pairs: &[Pair],
+    opts: &ScanOptions,
+) -> Result<ScanReport> {
+    let last = model.config.num_hidden_layers;
+    let mut layers = opts.layers.clone().unwrap_or_else(|| (0..=last).collect());
+    if layers.is_empty() {
+        return Err(Error::invalid("scan", "no layers asked for"));
+    }
+    layers.sort_unstable();
+    if let Some(w) = layers.windows(2).find(|w| w[0] == w[1]) {
+        return Err(Error::invalid(
+            "scan",
+            format!("layer {} asked for twice", w[0]),
+        ));
+    }
+    let rules = opts.pooling.rules();
+    let cos = pair_cosines(model, tok, pairs, &layers, &rules, opts.device)?;
+    let mut out = Vec::with_capacity(layers.len() * rules.len());
+    for (li, &index) in layers.iter().enumerate() {
+        for (pi, &pooling) in rules.iter().enumerate() {
+            let c = &cos[li][pi];
+            let c64: Vec<f64> = c.iter().map(|&v| f64::from(v)).collect();
+            out.push(LayerAlignment {
+                index,
+                pooling,
+                mean: mean(&c64),
+                sd: sd(&c64),
+                cosines: c.clone(),
+            });
+        }
+    }
+    Ok(ScanReport {
+        pooling: opts.pooling.name(),
+        layers: out,
+        pairs: pairs
+            .iter()
+            .map(|p| (p.swahili.clone(), p.english.clone()))
+            .collect(),
+        device: opts.device.to_string(),
+    })
+}
+
+impl ScanReport {
+    /// The report as pretty JSON.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] if serialisation fails (it does not for
+    /// these types).
+    pub fn to_json(&self) -> Result<String> {
+        serde_json::to_string_pretty(self).map_err(|e| Error::invalid("scan json", e.to_string()))
+    }
+
+    /// The pooling rules present, in order.
+    pub fn rules(&self) -> Vec<Pooling> {
+        let mut r: Vec<Pooling> = self.layers.iter().map(|l| l.pooling).collect();
+        r.sort_unstable();
+        r.dedup();
+        r
+    }
+
+    /// The entry for `index` under `pooling`.
+    pub fn get(&self, index: usize, pooling: Pooling) -> Option<&LayerAlignment> {
+        self.layers
+            .iter()
+            .find(|l| l.index == index && l.pooling == pooling)
+    }
+
+    /// A terminal table: one row per layer, `mean (sd)` per pooling rule
+    /// side by side.
+    pub fn table(&self) -> String {
+        let rules = self.rules();
+        let mut indices: Vec<usize> = self.layers.iter().map(|l| l.index).collect();
+        indices.dedup();
+        let mut s = format!("{:>5}", "layer");
+        for r in &rules {
+            s.push_str(&format!("  {:>17}", format!("{} mean (sd)", r.name())));
+        }
+        s.push('\n');
+        for i in indices {
+            s.push_str(&format!("{i:>5}"));
+            for &r in &rules {
+                match self.get(i, r) {
+                    Some(l) => s.push_str(&format!("  {:>8.4} ({:>6.4})", l.mean, l.sd)),
+                    None => s.push_str(&format!("  {:>17}", "-")),
+                }
+            }
+            s.push('\n');
+        }
+        s
+    }
+}

@@ -1,0 +1,287 @@
+//! `tli scan`, `tli train`, `tli eval` end to end on the synthetic model
+//! written as a checkpoint directory.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use tli_kernels::model::synthetic;
+
+fn tli(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tli"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn failed(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "expected a failure:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+/// A pairs file of the first `n` shipped training pairs (or control pairs).
+fn pairs_file(path: &Path, control: bool, n: usize) {
+    let (t, c) = tli_kernels::pairs::shipped().unwrap();
+    let list = if control { c } else { t };
+    let mut s = String::from("# test pairs\n");
+    for p in list.iter().take(n) {
+        s.push_str(&format!("{}\t{}\n", p.swahili, p.english));
+    }
+    std::fs::write(path, s).unwrap();
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn scan_train_eval_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = d.join("model");
+    synthetic::write_dir(&model, 4).unwrap();
+    let train = d.join("train.tsv");
+    let control = d.join("control.tsv");
+    pairs_file(&train, false, 40);
+    pairs_file(&control, true, 10);
+
+    // scan: table, JSON, plot.
+    let json = d.join("scan.json");
+    let plot = d.join("scan.svg");
+    let out = ok(&tli(&[
+        "scan",
+        "--model",
+        s(&model),
+        "--pairs",
+        s(&train),
+        "--layers",
+        "0,2,4",
+        "--json",
+        s(&json),
+        "--plot",
+        s(&plot),
+    ]));
+    assert!(
+        out.contains("words mean (sd)") && out.contains("all mean (sd)"),
+        "{out}"
+    );
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["pooling"], "both");
+    let idx: Vec<u64> = v["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(idx, [0, 0, 2, 2, 4, 4]);
+    assert_eq!(v["layers"][1]["cosines"].as_array().unwrap().len(), 40);
+    assert_eq!(v["pairs"].as_array().unwrap().len(), 40);
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("pooling: words"),
+        "{}",
+        &svg[..200.min(svg.len())]
+    );
+
+    // train: a short run.
+    let adapter = d.join("adapter");
+    let out = ok(&tli(&[
+        "train",
+        "--model",
+        s(&model),
+        "--pairs",
+        s(&train),
+        "--out",
+        s(&adapter),
+        "--epochs",
+        "2",
+        "--warmup",
+        "2",
+        "--lr",
+        "5e-3",
+        "--seed",
+        "9",
+    ]));
+    assert!(
+        out.contains("mean loss") && out.contains("steps/s"),
+        "{out}"
+    );
+    assert!(adapter.join("adapter_config.json").is_file());
+    assert!(adapter.join("adapter_model.safetensors").is_file());
+    let log = std::fs::read_to_string(adapter.join("train_log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 10, "{log}");
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["r"], 16);
+    assert_eq!(cfg["lora_alpha"], 32);
+    assert_eq!(cfg["layers_to_transform"], serde_json::json!([0, 1]));
+
+    // eval: table, JSON, CSV, plot.
+    let ejson = d.join("eval.json");
+    let csv = d.join("eval.csv");
+    let eplot = d.join("eval.svg");
+    let out = ok(&tli(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapter),
+        "--train",
+        s(&train),
+        "--control",
+        s(&control),
+        "--json",
+        s(&ejson),
+        "--csv",
+        s(&csv),
+        "--plot",
+        s(&eplot),
+    ]));
+    assert!(out.contains("trained") && out.contains("control"), "{out}");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&ejson).unwrap()).unwrap();
+    assert_eq!(v["layer"], 2);
+    assert_eq!(v["pooling"], "words");
+    assert_eq!(v["sets"]["trained"]["n"], 40);
+    assert_eq!(v["sets"]["control"]["n"], 10);
+    assert_eq!(v["sets"]["control"]["df"], 9);
+    assert_eq!(v["sets"]["trained"]["before"].as_array().unwrap().len(), 40);
+    let keys: Vec<&String> = v["sets"].as_object().unwrap().keys().collect();
+    assert_eq!(keys.len(), 2);
+    assert_eq!(std::fs::read_to_string(&csv).unwrap().lines().count(), 51);
+    assert!(std::fs::read_to_string(&eplot).unwrap().contains("trained"));
+
+    // scan with the adapter and JSON on standard output.
+    let out = ok(&tli(&[
+        "scan",
+        "--model",
+        s(&model),
+        "--pairs",
+        s(&control),
+        "--layers",
+        "2",
+        "--pool",
+        "words",
+        "--adapter",
+        s(&adapter),
+        "--json",
+        "-",
+    ]));
+    let start = out.find("{\n").unwrap();
+    let v: Value = serde_json::from_str(&out[start..]).unwrap();
+    assert_eq!(v["pooling"], "words");
+    assert_eq!(v["layers"].as_array().unwrap().len(), 1);
+
+    // The same seed trains the same adapter.
+    let again = d.join("again");
+    ok(&tli(&[
+        "train",
+        "--model",
+        s(&model),
+        "--pairs",
+        s(&train),
+        "--out",
+        s(&again),
+        "--epochs",
+        "2",
+        "--warmup",
+        "2",
+        "--lr",
+        "5e-3",
+        "--seed",
+        "9",
+    ]));
+    assert_eq!(
+        std::fs::read(adapter.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(again.join("adapter_model.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn errors_are_clean_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = d.join("model");
+    synthetic::write_dir(&model, 4).unwrap();
+    let train = d.join("train.tsv");
+    pairs_file(&train, false, 6);
+
+    // No GPU here (or a build without candle-cuda): a clear error.
+    let e = failed(&tli(&[
+        "scan",
+        "--model",
+        s(&model),
+        "--pairs",
+        s(&train),
+        "--device",
+        "cuda",
+    ]));
+    assert!(e.contains("CUDA"), "{e}");
+
+    // A malformed pairs file names the file and the line.
+    let bad = d.join("bad.tsv");
+    std::fs::write(&bad, "maji\twater\nmoto fire\n").unwrap();
+    let e = failed(&tli(&["scan", "--model", s(&model), "--pairs", s(&bad)]));
+    assert!(e.contains("bad.tsv:2") && e.contains("no tab"), "{e}");
+
+    // A layer beyond the model.
+    let e = failed(&tli(&[
+        "scan",
+        "--model",
+        s(&model),
+        "--pairs",
+        s(&train),
+        "--layers",
+        "7",
+    ]));
+    assert!(e.contains('7'), "{e}");
+    let e = failed(&tli(&[
+        "scan",
+        "--model",
+        s(&model),
+        "--pairs",
+        s(&train),
+        "--layers",
+        "one",
+    ]));
+    assert!(e.contains("\"one\""), "{e}");
+
+    // A missing model directory.
+    let e = failed(&tli(&[
+        "train",
+        "--model",
+        s(&d.join("nope")),
+        "--pairs",
+        s(&train),
+        "--out",
+        s(&d.join("a")),
+    ]));
+    assert!(e.contains("nope"), "{e}");
+
+    // Overlapping training and control lists.
+    let e = failed(&tli(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&d.join("a")),
+        "--train",
+        s(&train),
+        "--control",
+        s(&train),
+    ]));
+    assert!(e.contains("share"), "{e}");
+}

@@ -36,7 +36,7 @@ use tli_kernels::nf4::{DoubleQuant, NF4_CODE, NF4_MIDPOINTS, Nf4Tensor, Scales, 
 use tli_kernels::{DType, Error};
 
 // ---------------------------------------------------------------------------
-// The format's constants, as `shared/reference/nf4.md` and bitsandbytes'
+// The format's constants, as bitsandbytes'
 // `get_4bit_type("nf4")` / `dQuantizeNF4` print them.
 
 const CODE_LITERALS: [&str; 16] = [

@@ -12,7 +12,8 @@
 //! ```
 //!
 //! `W` is decoded one panel at a time (64 rows × K f32 is 1 MiB at
-//! K = 4096, an L2's worth; 256 rows when `M ≥ 256`, 1024 from `M = 512`) and
+//! K = 4096, an L2's worth; 256 rows when `M ≥ 256`, up to 16 M weights from
+//! `M = 512`) and
 //! used while it is hot; the dequantized matrix
 //! never exists whole. The unfused composite ([`forward_unfused`], kept as
 //! the bench's baseline) materialises `deq(W)` in `T`, widens it, and runs the
@@ -63,10 +64,23 @@ fn panel_width(m: usize) -> usize {
 /// M = 4096: 531 against 495 ms) although they decode nothing twice.
 const GEMM_BOUND_M: usize = 512;
 
-/// Rows (forward) or columns (backward) of `W` per panel in the GEMM-bound
-/// path: 1024 × 4096 f32 is 16 MiB, wide enough that the GEMM's own blocking
-/// sees a large problem, small next to the f32 output.
-const BIG_PANEL: usize = 1024;
+/// Weights per panel (forward) or strip (backward) in the GEMM-bound path:
+/// 16 M (64 MiB as f32). A 4096 × 4096 layer is then one panel, so the
+/// GEMM sees the whole problem in one call, as in the unfused composite,
+/// after a decode that is cheaper than the composite's dequantize-and-widen;
+/// larger layers (the MLP's 14336 × 4096) go in a few panels and never need
+/// their whole f32 copy. (Panels of 1024 rows, the first version, were level
+/// with the composite within noise and lost in every interleaved pair on
+/// the v_proj M = 4096 backward: four GEMM calls, each repacking `dy`,
+/// against one.)
+const PANEL_WEIGHTS: usize = 1 << 24;
+
+/// Rows of `W` per panel (forward, `other = K`) or columns per strip
+/// (backward, `other = N`) for a budget of `budget` weights: at least one,
+/// at most `len`.
+fn big_panel(budget: usize, other: usize, len: usize) -> usize {
+    (budget / other.max(1)).clamp(1, len.max(1))
+}
 
 /// Rows of `W` per decode task in the GEMM-bound path.
 const DECODE_ROWS: usize = 16;
@@ -267,6 +281,16 @@ fn wide_lora<T: Element>(l: &LoraFactors<'_, T>) -> WideLora {
 /// Whatever [`ForwardArgs::validate`] reports; [`Error::ShapeMismatch`] if
 /// `out` is not `M·N` long.
 pub fn forward<T: Element>(args: &ForwardArgs<'_, T>, out: &mut [T]) -> Result<()> {
+    forward_budget(args, out, PANEL_WEIGHTS)
+}
+
+/// [`forward`] with the GEMM-bound path's panel budget as a parameter (the
+/// unit tests shrink it to cut small problems into many panels).
+fn forward_budget<T: Element>(
+    args: &ForwardArgs<'_, T>,
+    out: &mut [T],
+    budget: usize,
+) -> Result<()> {
     const OP: &str = "lora forward (cpu)";
     args.validate(OP)?;
     if out.len() != args.out_len() {
@@ -303,6 +327,7 @@ pub fn forward<T: Element>(args: &ForwardArgs<'_, T>, out: &mut [T]) -> Result<(
             lora.as_ref().zip(u.as_deref()),
             bias.as_deref(),
             out,
+            budget,
         );
     }
 
@@ -362,7 +387,7 @@ pub fn forward<T: Element>(args: &ForwardArgs<'_, T>, out: &mut [T]) -> Result<(
     Ok(())
 }
 
-/// The forward for `M ≥ GEMM_BOUND_M`: panels of [`BIG_PANEL`] rows of `W`
+/// The forward for `M ≥ GEMM_BOUND_M`: panels of `budget / K` rows of `W`
 /// in turn, each decoded by every thread and multiplied by the parallel GEMM
 /// straight into its columns of the f32 output; then the LoRA product over
 /// the whole output, the bias and the one rounding. `lora` carries `u`.
@@ -372,12 +397,14 @@ fn forward_gemm_bound<T: Element>(
     lora: Option<(&WideLora, &[f32])>,
     bias: Option<&[f32]>,
     out: &mut [T],
+    budget: usize,
 ) -> Result<()> {
     let LinearDims { m, n, k } = args.dims;
     let mut y = vec![0.0f32; m * n];
-    let mut panel = vec![0.0f32; BIG_PANEL.min(n) * k];
-    for n0 in (0..n).step_by(BIG_PANEL) {
-        let nb = (n - n0).min(BIG_PANEL);
+    let rows = big_panel(budget, k, n);
+    let mut panel = vec![0.0f32; rows * k];
+    for n0 in (0..n).step_by(rows) {
+        let nb = (n - n0).min(rows);
         let wp = &mut panel[..nb * k];
         wp.par_chunks_mut(DECODE_ROWS * k)
             .enumerate()
@@ -498,6 +525,15 @@ pub fn forward_unfused<T: Element>(args: &ForwardArgs<'_, T>, out: &mut [T]) -> 
 /// # Errors
 /// Whatever [`BackwardArgs::validate`] reports.
 pub fn backward<T: Element>(args: &BackwardArgs<'_, T>, grads: Grads<'_, T>) -> Result<()> {
+    backward_budget(args, grads, PANEL_WEIGHTS)
+}
+
+/// [`backward`] with the GEMM-bound path's strip budget as a parameter.
+fn backward_budget<T: Element>(
+    args: &BackwardArgs<'_, T>,
+    grads: Grads<'_, T>,
+    budget: usize,
+) -> Result<()> {
     const OP: &str = "lora backward (cpu)";
     args.validate(OP, &grads)?;
     let fwd = &args.fwd;
@@ -527,7 +563,7 @@ pub fn backward<T: Element>(args: &BackwardArgs<'_, T>, grads: Grads<'_, T>) -> 
 
     match grads.dx {
         Some(dx_out) if m >= GEMM_BOUND_M => {
-            dx_gemm_bound(fwd, &dy, lora.as_ref().zip(g.as_deref()), dx_out)?
+            dx_gemm_bound(fwd, &dy, lora.as_ref().zip(g.as_deref()), dx_out, budget)?
         }
         Some(dx_out) => {
             let width = panel_width(m);
@@ -603,7 +639,7 @@ pub fn backward<T: Element>(args: &BackwardArgs<'_, T>, grads: Grads<'_, T>) -> 
     Ok(())
 }
 
-/// `dx` for `M ≥ GEMM_BOUND_M`: strips of [`BIG_PANEL`] columns of `W` in
+/// `dx` for `M ≥ GEMM_BOUND_M`: strips of `budget / N` columns of `W` in
 /// turn, each decoded by every thread (row segments) and multiplied by the
 /// parallel GEMM straight into its columns of the f32 `dx`; then the LoRA
 /// term over the whole of `dx` and the one rounding. `lora` carries `s·g`.
@@ -612,10 +648,11 @@ fn dx_gemm_bound<T: Element>(
     dy: &[f32],
     lora: Option<(&WideLora, &[f32])>,
     dx_out: &mut [T],
+    budget: usize,
 ) -> Result<()> {
     let LinearDims { m, n, k } = fwd.dims;
     let mut dx = vec![0.0f32; m * k];
-    let width = BIG_PANEL.min(k);
+    let width = big_panel(budget, n, k);
     let mut strip = vec![0.0f32; n * width];
     for k0 in (0..k).step_by(width) {
         let kb = (k - k0).min(width);
@@ -797,4 +834,151 @@ pub fn backward_unfused<T: Element>(args: &BackwardArgs<'_, T>, grads: Grads<'_,
         factor_grads(fwd, l, g, &dy, grads.da, grads.db)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The GEMM-bound path cut into many panels and strips (a tiny budget),
+    //! against an f64 computation with the first-order bound of
+    //! `tests/common/lora_ref.rs`: `|got − exact| ≤ (L + r + 8)·2⁻²³·S +
+    //! 2⁻²⁴·(|exact| + that)` with `S` the sum of the absolute values of the
+    //! terms and `L` the reduction length. (The integration tests cover the
+    //! default budget, where these shapes are one panel.)
+    use super::*;
+    use crate::DType;
+    use crate::nf4::quantize::{QuantizeOptions, quantize};
+
+    const M: usize = GEMM_BOUND_M;
+    const N: usize = 40;
+    const K: usize = 30;
+    const R: usize = 4;
+
+    /// A deterministic value in [-1, 1) for element `i` of stream `s`.
+    fn val(s: u64, i: usize) -> f32 {
+        let z = (s.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i as u64))
+            .wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    fn check(label: &str, got: &[f32], exact: &[f64], abs: &[f64], len: usize) {
+        let u = 2f64.powi(-23);
+        for (i, ((&g, &e), &a)) in got.iter().zip(exact).zip(abs).enumerate() {
+            let bound = (len + R + 8) as f64 * u * a;
+            let bound = bound + 0.5 * u * (e.abs() + bound);
+            assert!(
+                (f64::from(g) - e).abs() <= bound,
+                "{label}[{i}]: got {g}, exact {e}, bound {bound:e}"
+            );
+        }
+    }
+
+    #[test]
+    fn many_panels_and_strips_match_f64() {
+        let x: Vec<f32> = (0..M * K).map(|i| val(1, i)).collect();
+        let wsrc: Vec<f32> = (0..N * K).map(|i| 0.1 * val(2, i)).collect();
+        let q = quantize(&wsrc, &[N, K], DType::F32, QuantizeOptions::default()).unwrap();
+        let w: Vec<f32> = crate::nf4::dequant::dequantize(&q.view()).unwrap();
+        let a: Vec<f32> = (0..R * K).map(|i| 0.5 * val(3, i)).collect();
+        let b: Vec<f32> = (0..N * R).map(|i| 0.5 * val(4, i)).collect();
+        let bias: Vec<f32> = (0..N).map(|i| val(5, i)).collect();
+        let dy: Vec<f32> = (0..M * N).map(|i| val(6, i)).collect();
+        let drop = Dropout { p: 0.25, seed: 9 };
+        let (s, ks) = (2.0f32, drop.keep_scale());
+        let args = ForwardArgs {
+            dims: LinearDims { m: M, n: N, k: K },
+            x: &x,
+            weight: BaseWeight::Nf4(q.view()),
+            lora: Some(LoraFactors {
+                a: &a,
+                b: &b,
+                rank: R,
+                scale: s,
+            }),
+            bias: Some(&bias),
+            dropout: Some(drop),
+        };
+        let kept = |i: usize| dropout_keep(drop.seed, i as u64, drop.threshold());
+        let f = |v: f32| f64::from(v);
+        let sk = f(s) * f(ks);
+
+        // Forward, 8 rows of W per panel: five panels.
+        let mut y = vec![f32::NAN; M * N];
+        forward_budget(&args, &mut y, 8 * K).unwrap();
+        let (mut exact, mut abs) = (vec![0.0f64; M * N], vec![0.0f64; M * N]);
+        for i in 0..M {
+            let xt = |l: usize| {
+                if kept(i * K + l) {
+                    f(x[i * K + l])
+                } else {
+                    0.0
+                }
+            };
+            let u: Vec<(f64, f64)> = (0..R)
+                .map(|q| {
+                    (0..K).fold((0.0, 0.0), |(e, t), l| {
+                        let p = xt(l) * f(a[q * K + l]);
+                        (e + p, t + p.abs())
+                    })
+                })
+                .collect();
+            for j in 0..N {
+                let (mut e, mut t) = (f(bias[j]), f(bias[j]).abs());
+                for l in 0..K {
+                    let p = f(x[i * K + l]) * f(w[j * K + l]);
+                    (e, t) = (e + p, t + p.abs());
+                }
+                for (q, &(ue, ut)) in u.iter().enumerate() {
+                    e += sk * ue * f(b[j * R + q]);
+                    t += sk * ut * f(b[j * R + q]).abs();
+                }
+                (exact[i * N + j], abs[i * N + j]) = (e, t);
+            }
+        }
+        check("y", &y, &exact, &abs, K);
+
+        // Backward dx, 8 columns of W per strip: four strips, the last of 6.
+        let mut dx = vec![f32::NAN; M * K];
+        let bw = BackwardArgs { fwd: args, dy: &dy };
+        let grads = Grads {
+            dx: Some(&mut dx),
+            da: None,
+            db: None,
+        };
+        backward_budget(&bw, grads, 8 * N).unwrap();
+        let (mut exact, mut abs) = (vec![0.0f64; M * K], vec![0.0f64; M * K]);
+        for i in 0..M {
+            let g: Vec<(f64, f64)> = (0..R)
+                .map(|q| {
+                    (0..N).fold((0.0, 0.0), |(e, t), j| {
+                        let p = f(dy[i * N + j]) * f(b[j * R + q]);
+                        (e + p, t + p.abs())
+                    })
+                })
+                .collect();
+            for l in 0..K {
+                let (mut e, mut t) = (0.0, 0.0);
+                for j in 0..N {
+                    let p = f(dy[i * N + j]) * f(w[j * K + l]);
+                    (e, t) = (e + p, t + p.abs());
+                }
+                if kept(i * K + l) {
+                    for (q, &(ge, gt)) in g.iter().enumerate() {
+                        e += sk * ge * f(a[q * K + l]);
+                        t += sk * gt * f(a[q * K + l]).abs();
+                    }
+                }
+                (exact[i * K + l], abs[i * K + l]) = (e, t);
+            }
+        }
+        check("dx", &dx, &exact, &abs, N);
+    }
+
+    #[test]
+    fn panel_sizes() {
+        assert_eq!(big_panel(PANEL_WEIGHTS, 4096, 4096), 4096);
+        assert_eq!(big_panel(PANEL_WEIGHTS, 4096, 14336), 4096);
+        assert_eq!(big_panel(PANEL_WEIGHTS, 14336, 4096), 1170);
+        assert_eq!(big_panel(10, 30, 40), 1);
+        assert_eq!(big_panel(240, 30, 40), 8);
+    }
 }

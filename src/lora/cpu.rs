@@ -12,7 +12,7 @@
 //! ```
 //!
 //! `W` is decoded one panel at a time (64 rows × K f32 is 1 MiB at
-//! K = 4096, an L2's worth; 256 rows when `M ≥ 256`, up to 16 M weights from
+//! K = 4096, an L2's worth; 256 rows when `M ≥ 256`, up to 64 M weights from
 //! `M = 512`) and
 //! used while it is hot; the dequantized matrix
 //! never exists whole. The unfused composite ([`forward_unfused`], kept as
@@ -65,15 +65,17 @@ fn panel_width(m: usize) -> usize {
 const GEMM_BOUND_M: usize = 512;
 
 /// Weights per panel (forward) or strip (backward) in the GEMM-bound path:
-/// 16 M (64 MiB as f32). A 4096 × 4096 layer is then one panel, so the
-/// GEMM sees the whole problem in one call, as in the unfused composite,
-/// after a decode that is cheaper than the composite's dequantize-and-widen;
-/// larger layers (the MLP's 14336 × 4096) go in a few panels and never need
-/// their whole f32 copy. (Panels of 1024 rows, the first version, were level
-/// with the composite within noise and lost in every interleaved pair on
-/// the v_proj M = 4096 backward: four GEMM calls, each repacking `dy`,
-/// against one.)
-const PANEL_WEIGHTS: usize = 1 << 24;
+/// 64 M (256 MiB as f32, the size of the widened `dy` of an MLP backward at
+/// M = 4096). Every Llama-3-8B projection is then one panel, so the GEMM
+/// sees the whole problem in one call, as in the unfused composite, after a
+/// decode straight to f32 that is cheaper than the composite's
+/// dequantize-then-widen; larger layers go in several panels and never need
+/// their whole f32 copy. Narrower panels cost a GEMM call each, and each
+/// call repacks all of `x` (forward) or `dy` (backward): 1024-row panels
+/// were level with the composite within noise, 16 M-weight strips still
+/// lost 3 % in every interleaved pair on the MLP backward at M = 4096
+/// (four strips of 1170 columns).
+const PANEL_WEIGHTS: usize = 1 << 26;
 
 /// Rows of `W` per panel (forward, `other = K`) or columns per strip
 /// (backward, `other = N`) for a budget of `budget` weights: at least one,
@@ -975,9 +977,12 @@ mod tests {
 
     #[test]
     fn panel_sizes() {
+        // Llama-3-8B: every projection one panel (forward) or strip.
         assert_eq!(big_panel(PANEL_WEIGHTS, 4096, 4096), 4096);
-        assert_eq!(big_panel(PANEL_WEIGHTS, 4096, 14336), 4096);
-        assert_eq!(big_panel(PANEL_WEIGHTS, 14336, 4096), 1170);
+        assert_eq!(big_panel(PANEL_WEIGHTS, 4096, 14336), 14336);
+        assert_eq!(big_panel(PANEL_WEIGHTS, 14336, 4096), 4096);
+        // Llama-3-70B's MLP (28672 × 8192): 8192 of 28672 rows a panel.
+        assert_eq!(big_panel(PANEL_WEIGHTS, 8192, 28672), 8192);
         assert_eq!(big_panel(10, 30, 40), 1);
         assert_eq!(big_panel(240, 30, 40), 8);
     }

@@ -446,7 +446,9 @@ pub fn run_tli(opts: &TliDemoOptions) -> Result<TliDemoReport> {
         ..opts.train.clone()
     };
     let t = Instant::now();
-    let train = crate::tli::train(&mut model, &tok, &trained, &train_opts, &mut |_| {})?;
+    let train = crate::tli::train(&mut model, &tok, &trained, &train_opts, &mut |_| {
+        std::ops::ControlFlow::Continue(())
+    })?;
     let train_time = t.elapsed();
     drop(model);
 

@@ -285,3 +285,145 @@ fn errors_are_clean_messages() {
     ]));
     assert!(e.contains("share"), "{e}");
 }
+
+fn lines(path: &Path) -> usize {
+    std::fs::read_to_string(path).map_or(0, |t| t.lines().count())
+}
+
+#[test]
+fn train_from_an_adapter_with_logs_checkpoints_and_flag_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = d.join("model");
+    synthetic::write_dir(&model, 4).unwrap();
+    let train = d.join("train.tsv");
+    pairs_file(&train, false, 12);
+    let (a, b) = (d.join("a"), d.join("b"));
+    let log = d.join("a.jsonl");
+    let base = ["--model", s(&model), "--pairs", s(&train)];
+    let run = |extra: &[&str]| tli(&[&["train"], &base[..], extra].concat());
+
+    // 12 pairs in batches of 5, file order, no dropout: 3 steps.
+    let out = ok(&run(&[
+        "--out",
+        s(&a),
+        "--epochs",
+        "1",
+        "--batch",
+        "5",
+        "--shuffle",
+        "false",
+        "--dropout",
+        "0",
+        "--save-every",
+        "2",
+        "--log",
+        s(&log),
+    ]));
+    assert!(out.contains("in file order"), "{out}");
+    assert_eq!(lines(&log), 3);
+    assert!(a.join("checkpoint").join("trainer_state.json").is_file());
+
+    // A finished run has nothing to resume.
+    let e = failed(&run(&["--resume", s(&a)]));
+    assert!(e.contains("finished all 3 steps"), "{e}");
+    // Resuming keeps the run's settings: changing one is refused by name.
+    let e = failed(&run(&["--resume", s(&a), "--lr", "1e-3"]));
+    assert!(e.contains("--lr"), "{e}");
+    // Neither --out nor --resume.
+    let e = failed(&run(&[]));
+    assert!(e.contains("--out"), "{e}");
+
+    // Start from the trained adapter: its rank unless contradicted.
+    let e = failed(&run(&[
+        "--init-adapter",
+        s(&a),
+        "--out",
+        s(&b),
+        "--rank",
+        "4",
+    ]));
+    assert!(e.contains("--rank 4") && e.contains("rank 16"), "{e}");
+    let out = ok(&run(&[
+        "--init-adapter",
+        s(&a),
+        "--out",
+        s(&b),
+        "--epochs",
+        "1",
+    ]));
+    assert!(out.contains(&format!("from {}", s(&a))), "{out}");
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(b.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["r"], 16);
+}
+
+/// Ctrl-C stops after the current step with a checkpoint; `--resume` then
+/// finishes the run.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_checkpoints_and_resume_finishes() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = d.join("model");
+    synthetic::write_dir(&model, 4).unwrap();
+    let train = d.join("train.tsv");
+    pairs_file(&train, false, 16);
+    let a = d.join("a");
+    let log = a.join("train_log.jsonl");
+    // 200 epochs of 2 steps: long enough to be interrupted.
+    let child = Command::new(env!("CARGO_BIN_EXE_tli"))
+        .args([
+            "train",
+            "--model",
+            s(&model),
+            "--pairs",
+            s(&train),
+            "--out",
+            s(&a),
+            "--epochs",
+            "200",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while lines(&log) < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no progress in the log"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    let e = failed(&out);
+    assert!(
+        e.contains("stopped at step") && e.contains("--resume"),
+        "{e}"
+    );
+    let stopped = lines(&log);
+    assert!((3..400).contains(&stopped), "{stopped} steps logged");
+
+    let out = ok(&tli(&[
+        "train",
+        "--model",
+        s(&model),
+        "--pairs",
+        s(&train),
+        "--resume",
+        s(&a),
+    ]));
+    assert!(
+        out.contains(&format!("resumed at step {stopped} of 400")),
+        "{out}"
+    );
+    assert_eq!(lines(&log), 400);
+}

@@ -512,6 +512,22 @@ pub fn save_peft(model: &Llama, cfg: &LoraConfig, dir: impl AsRef<Path>) -> Resu
     })
 }
 
+/// Every adapter factor of `model` with its PEFT tensor key
+/// ([`tensor_key`]), in layer and projection order, `A` before `B`: the
+/// names the optimizer state is saved under.
+pub fn named_trainable_vars(model: &Llama) -> Vec<(String, Var)> {
+    let mut out = Vec::new();
+    for (l, block) in model.blocks.iter().enumerate() {
+        for name in PROJECTION_NAMES {
+            if let Some(lora) = block.projection(name).and_then(|p| p.lora.as_ref()) {
+                out.push((tensor_key(l, name, "A"), lora.a.clone()));
+                out.push((tensor_key(l, name, "B"), lora.b.clone()));
+            }
+        }
+    }
+    out
+}
+
 /// Every adapter factor of `model` (the trainable parameters), in layer and
 /// projection order, `A` before `B`.
 pub fn trainable_vars(model: &Llama) -> Vec<Var> {

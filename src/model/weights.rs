@@ -274,6 +274,16 @@ impl<'a> Tensors<'a> {
         Ok((v.dtype(), v.shape().to_vec()))
     }
 
+    /// Dtype, shape and little-endian bytes of tensor `name`, as stored
+    /// (for tensors that are not floats, such as step counters).
+    ///
+    /// # Errors
+    /// [`Error::Format`] if it is missing.
+    pub fn raw(&self, name: &str) -> Result<(Dtype, Vec<usize>, &'a [u8])> {
+        let (_, v) = self.view(name)?;
+        Ok((v.dtype(), v.shape().to_vec(), v.data()))
+    }
+
     fn checked(&self, name: &str, shape: &[usize]) -> Result<(&'a Path, TensorView<'a>)> {
         let (path, v) = self.view(name)?;
         if v.shape() != shape {

@@ -9,11 +9,13 @@
 //!   negative, LoRA on the early blocks, AdamW with linear warm-up and
 //!   decay) and its PEFT checkpoints.
 //! * [`eval`]: before/after per pair with a paired t-test per set.
+//! * [`optim`]: AdamW with saveable state.
 //! * [`stats`]: means, standard deviations, the paired t-test.
 //! * [`plot`]: SVG plots of scan and eval reports.
 
 pub mod embed;
 pub mod eval;
+pub mod optim;
 pub mod plot;
 pub mod scan;
 pub mod stats;
@@ -22,4 +24,6 @@ pub mod train;
 pub use embed::{ModelOptions, Pooling, load_model, pair_cosines};
 pub use eval::{EvalOptions, EvalReport, SetReport, evaluate, evaluate_adapter};
 pub use scan::{LayerAlignment, PoolingChoice, ScanOptions, ScanReport, scan};
-pub use train::{LinearSchedule, StepInfo, TrainOptions, TrainReport, train};
+pub use train::{
+    LinearSchedule, ResumeOptions, StepInfo, TrainOptions, TrainReport, resume, train,
+};

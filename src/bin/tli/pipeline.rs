@@ -2,7 +2,10 @@
 //! output over [`tli_kernels::tli`].
 
 use std::io::IsTerminal;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -10,13 +13,15 @@ use candle_core::DType as CDType;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tli_kernels::Device;
-use tli_kernels::model::lora::save_peft;
+use tli_kernels::model::lora::CONFIG_FILE;
 use tli_kernels::model::{LoraConfig, TargetModules};
 use tli_kernels::pairs::{Pair, check_disjoint, read_pairs};
 use tli_kernels::tli::embed::adapter_blocks;
 use tli_kernels::tli::plot::{eval_svg, scan_svg, write_text};
 use tli_kernels::tli::scan::{PoolingChoice, ScanOptions, scan};
-use tli_kernels::tli::train::{TrainOptions, steps_per_epoch, train};
+use tli_kernels::tli::train::{
+    ResumeOptions, StepInfo, TrainOptions, resume, resumed_blocks, steps_per_epoch, train,
+};
 use tli_kernels::tli::{EvalOptions, ModelOptions, Pooling, evaluate_adapter, load_model};
 
 /// Where the model and the kernels run.
@@ -86,6 +91,23 @@ impl ModelArgs {
             quantize: self.quantize.is_some(),
             cuda: self.device == RunDevice::Cuda,
         }
+    }
+
+    /// What makes a resumed run compute the same thing: compute dtype and
+    /// quantization (recorded in the checkpoint).
+    fn setup(&self) -> String {
+        format!(
+            "{}{}",
+            match self.dtype {
+                ComputeDtype::F32 => "f32",
+                ComputeDtype::Bf16 => "bf16",
+            },
+            if self.quantize.is_some() {
+                ", NF4 blocksize 64"
+            } else {
+                ""
+            }
+        )
     }
 
     fn describe(&self) -> String {
@@ -167,25 +189,39 @@ pub struct TrainArgs {
     /// Training pairs (`swahili<TAB>english` per line).
     #[arg(long, value_name = "FILE")]
     pairs: PathBuf,
-    /// Adapter directory to write (PEFT format; rewritten atomically after
-    /// every epoch).
+    /// Adapter directory to write: the PEFT adapter, and `checkpoint/` to
+    /// resume from (rewritten atomically after every epoch).
+    #[arg(long, value_name = "ADAPTER_DIR", required_unless_present = "resume")]
+    out: Option<PathBuf>,
+    /// Continue the run checkpointed in this directory (its --out), with
+    /// its own settings; give the same --model, --pairs, --dtype and
+    /// --quantize.
+    #[arg(long, value_name = "ADAPTER_DIR", conflicts_with_all = [
+        "out", "init_adapter", "layer", "modules", "rank", "alpha", "dropout", "lr",
+        "warmup", "epochs", "batch", "margin", "seed", "weight_decay", "shuffle",
+    ])]
+    resume: Option<PathBuf>,
+    /// Start from this PEFT adapter instead of fresh adapters (its rank,
+    /// alpha, modules and layers unless given; a different value is an
+    /// error).
     #[arg(long, value_name = "ADAPTER_DIR")]
-    out: PathBuf,
+    init_adapter: Option<PathBuf>,
     /// Hidden-state index the loss reads.
     #[arg(long, default_value_t = 2)]
     layer: usize,
-    /// Projections that get an adapter.
-    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
-    modules: Vec<String>,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 16)]
-    rank: usize,
-    /// LoRA alpha (scale = alpha / rank).
-    #[arg(long, default_value_t = 32.0)]
-    alpha: f64,
-    /// LoRA dropout.
-    #[arg(long, default_value_t = 0.05)]
-    dropout: f32,
+    /// Projections that get an adapter [default: q_proj,v_proj].
+    #[arg(long, value_delimiter = ',')]
+    modules: Option<Vec<String>>,
+    /// LoRA rank [default: 16].
+    #[arg(long)]
+    rank: Option<usize>,
+    /// LoRA alpha (scale = alpha / rank) [default: 32].
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// LoRA dropout; 0 switches it off [default: 0.05, or the
+    /// --init-adapter's lora_dropout].
+    #[arg(long)]
+    dropout: Option<f32>,
     /// Peak learning rate.
     #[arg(long, default_value_t = 2e-4)]
     lr: f64,
@@ -207,6 +243,13 @@ pub struct TrainArgs {
     /// AdamW weight decay (decoupled).
     #[arg(long, default_value_t = 0.01)]
     weight_decay: f64,
+    /// Shuffle the pairs every epoch; `--shuffle false` keeps the file's
+    /// order (batches are consecutive lines).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    shuffle: bool,
+    /// Also checkpoint every N optimizer steps.
+    #[arg(long, value_name = "N")]
+    save_every: Option<usize>,
     /// Per-step log, one JSON object per line [default:
     /// ADAPTER_DIR/train_log.jsonl].
     #[arg(long, value_name = "FILE")]
@@ -353,6 +396,74 @@ pub fn scan_cmd(a: &ScanArgs) -> Result<()> {
     Ok(())
 }
 
+/// The adapter settings of a fresh or `--init-adapter` run: flags over the
+/// initial adapter's config over the defaults; a flag that contradicts the
+/// initial adapter is an error.
+fn train_lora(a: &TrainArgs) -> Result<LoraConfig> {
+    let base_model = Some(a.model.model.display().to_string());
+    let Some(init) = &a.init_adapter else {
+        let d = LoraConfig::default();
+        return Ok(LoraConfig {
+            rank: a.rank.unwrap_or(d.rank),
+            alpha: a.alpha.unwrap_or(d.alpha),
+            dropout: a.dropout.unwrap_or(d.dropout),
+            target_modules: a
+                .modules
+                .clone()
+                .map_or(d.target_modules, TargetModules::Names),
+            base_model,
+            ..d
+        });
+    };
+    let c = LoraConfig::from_file(init.join(CONFIG_FILE))
+        .with_context(|| format!("reading --init-adapter {}", init.display()))?;
+    let shown = init.display();
+    if let Some(r) = a.rank.filter(|&r| r != c.rank) {
+        bail!(
+            "--rank {r}: the adapter in {shown} (--init-adapter) has rank {}",
+            c.rank
+        );
+    }
+    if let Some(al) = a.alpha.filter(|&al| al != c.alpha) {
+        bail!(
+            "--alpha {al}: the adapter in {shown} (--init-adapter) has lora_alpha {}",
+            c.alpha
+        );
+    }
+    if let Some(m) = &a.modules {
+        let want = TargetModules::Names(m.clone());
+        if want != c.target_modules {
+            bail!(
+                "--modules {}: the adapter in {shown} (--init-adapter) targets {:?}",
+                m.join(","),
+                c.target_modules
+            );
+        }
+    }
+    Ok(LoraConfig {
+        dropout: a.dropout.unwrap_or(c.dropout),
+        base_model: c.base_model.clone().or(base_model),
+        ..c
+    })
+}
+
+/// Set a flag on Ctrl-C (a second Ctrl-C exits at once; every file is
+/// written atomically, so that loses at most the current step).
+fn stop_on_ctrl_c() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    let installed = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nCtrl-C: stopping after this step with a checkpoint (again to quit now)");
+    });
+    if let Err(e) = installed {
+        eprintln!("warning: Ctrl-C will not checkpoint before stopping: {e}");
+    }
+    stop
+}
+
 pub fn train_cmd(a: &TrainArgs) -> Result<()> {
     if a.model.device == RunDevice::Sim {
         bail!(
@@ -360,58 +471,67 @@ pub fn train_cmd(a: &TrainArgs) -> Result<()> {
         );
     }
     let pairs = read_list(&a.pairs)?;
+    let Some(dir) = a.resume.as_ref().or(a.out.as_ref()).cloned() else {
+        bail!("give --out ADAPTER_DIR (or --resume ADAPTER_DIR)");
+    };
+    let lora = match a.resume {
+        Some(_) => None,
+        None => Some(train_lora(a)?),
+    };
+    // Blocks to load: those the loss reads, and any the adapter names.
+    let blocks = match (&a.resume, &a.init_adapter) {
+        (Some(r), _) => resumed_blocks(r)?,
+        (None, Some(init)) => adapter_blocks(init)?.map(|n| n.max(a.layer)),
+        (None, None) => Some(a.layer),
+    };
     let t = Instant::now();
     let bar = spinner("loading the model");
-    let loaded = load_model(&a.model.model, &a.model.options(), Some(a.layer));
+    let loaded = load_model(&a.model.model, &a.model.options(), blocks);
     bar.finish_and_clear();
     let (mut model, tok) = loaded.with_context(|| format!("loading {}", a.model.describe()))?;
     let load_s = t.elapsed().as_secs_f64();
-    let log = a
-        .log
-        .clone()
-        .unwrap_or_else(|| a.out.join("train_log.jsonl"));
-    let opts = TrainOptions {
-        layer: a.layer,
-        lora: LoraConfig {
-            rank: a.rank,
-            alpha: a.alpha,
-            dropout: a.dropout,
-            target_modules: TargetModules::Names(a.modules.clone()),
-            layers: None,
-            use_rslora: false,
-            base_model: Some(a.model.model.display().to_string()),
-        },
-        lr: a.lr,
-        warmup: a.warmup,
-        epochs: a.epochs,
-        batch: a.batch,
-        margin: a.margin,
-        seed: a.seed,
-        weight_decay: a.weight_decay,
-        out: Some(a.out.clone()),
-        log: Some(log.clone()),
-        ..TrainOptions::default()
-    };
-    let total = steps_per_epoch(pairs.len(), a.batch) * a.epochs;
-    println!(
-        "tli train: {} pairs from {}, model {}; layer {}, LoRA r{} alpha {} dropout {} on {}, \
-         lr {} (warm-up {}), {} epochs of {} steps (batch {}), margin {}, seed {}",
-        pairs.len(),
-        a.pairs.display(),
-        a.model.describe(),
-        a.layer,
-        a.rank,
-        a.alpha,
-        a.dropout,
-        a.modules.join(","),
-        a.lr,
-        a.warmup,
-        a.epochs,
-        total / a.epochs.max(1),
-        a.batch,
-        a.margin,
-        a.seed
-    );
+    let log = a.log.clone().unwrap_or_else(|| dir.join("train_log.jsonl"));
+    let total;
+    if let Some(lora) = &lora {
+        total = steps_per_epoch(pairs.len(), a.batch) * a.epochs;
+        println!(
+            "tli train: {} pairs from {}, model {}; layer {}, LoRA r{} alpha {} dropout {} on {:?}{}, \
+             lr {} (warm-up {}), {} epochs of {} steps (batch {}{}), margin {}, seed {}",
+            pairs.len(),
+            a.pairs.display(),
+            a.model.describe(),
+            a.layer,
+            lora.rank,
+            lora.alpha,
+            lora.dropout,
+            lora.target_modules,
+            a.init_adapter
+                .as_ref()
+                .map(|d| format!(" from {}", d.display()))
+                .unwrap_or_default(),
+            a.lr,
+            a.warmup,
+            a.epochs,
+            total / a.epochs.max(1),
+            a.batch,
+            if a.shuffle {
+                ", shuffled"
+            } else {
+                ", in file order"
+            },
+            a.margin,
+            a.seed
+        );
+    } else {
+        total = 0;
+        println!(
+            "tli train: resuming the run in {} ({} pairs from {}, model {})",
+            dir.display(),
+            pairs.len(),
+            a.pairs.display(),
+            a.model.describe()
+        );
+    }
     let bar = if std::io::stderr().is_terminal() {
         let b = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
         if let Ok(style) = ProgressStyle::with_template(
@@ -423,33 +543,91 @@ pub fn train_cmd(a: &TrainArgs) -> Result<()> {
     } else {
         ProgressBar::hidden()
     };
-    let r = train(&mut model, &tok, &pairs, &opts, &mut |s| {
+    let stop = stop_on_ctrl_c();
+    let mut on_step = |s: &StepInfo| {
+        bar.set_length(s.total as u64);
         bar.set_message(format!(
             "epoch {} loss {:.4} lr {:.2e}",
             s.epoch, s.loss, s.lr
         ));
         bar.set_position(s.step as u64);
-    });
+        if stop.load(Ordering::SeqCst) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
+    let r = match lora {
+        Some(lora) => {
+            let opts = TrainOptions {
+                layer: a.layer,
+                lora,
+                lr: a.lr,
+                warmup: a.warmup,
+                epochs: a.epochs,
+                batch: a.batch,
+                margin: a.margin,
+                seed: a.seed,
+                shuffle: a.shuffle,
+                weight_decay: a.weight_decay,
+                init_adapter: a.init_adapter.clone(),
+                out: Some(dir.clone()),
+                save_every: a.save_every,
+                log: Some(log.clone()),
+                setup: Some(a.model.setup()),
+                ..TrainOptions::default()
+            };
+            train(&mut model, &tok, &pairs, &opts, &mut on_step)
+        }
+        None => {
+            let ropts = ResumeOptions {
+                log: Some(log.clone()),
+                save_every: a.save_every,
+                setup: Some(a.model.setup()),
+            };
+            resume(&mut model, &tok, &pairs, &dir, &ropts, &mut on_step)
+        }
+    };
     bar.finish_and_clear();
     let r = r.context("training")?;
-    // The last checkpoint is already on disk; save once more so the
-    // adapter always matches the returned report.
-    save_peft(&model, &r.lora, &a.out)
-        .with_context(|| format!("saving the adapter to {}", a.out.display()))?;
+    if r.resumed_at > 0 {
+        println!(
+            "resumed at step {} of {}",
+            r.resumed_at,
+            r.steps.first().map_or(0, |s| s.total)
+        );
+    }
     println!("{:>5}  {:>10}", "epoch", "mean loss");
     for (e, l) in r.epoch_losses().iter().enumerate() {
         println!("{:>5}  {:>10.5}", e + 1, l);
     }
-    let steps = r.steps.len() as f64;
+    let this_session = (r.steps.len() - r.resumed_at) as f64;
+    let session_s = r.steps.last().map_or(0.0, |s| s.seconds)
+        - r.resumed_at
+            .checked_sub(1)
+            .and_then(|i| r.steps.get(i))
+            .map_or(0.0, |s| s.seconds);
     println!(
         "{} steps in {:.2} s ({:.1} steps/s), load {load_s:.2} s; {} trainable parameters",
-        r.steps.len(),
-        r.seconds,
-        steps / r.seconds.max(1e-9),
+        this_session,
+        session_s,
+        this_session / session_s.max(1e-9),
         r.trainable_params
     );
-    println!("adapter (PEFT) written to {}", a.out.display());
+    println!("adapter (PEFT) written to {}", dir.display());
     println!("loss log written to {}", log.display());
+    if !r.completed {
+        let total = r.steps.last().map_or(0, |s| s.total);
+        bail!(
+            "stopped at step {} of {total}; the checkpoint in {} continues with: \
+             tli train --resume {} --model {} --pairs {}",
+            r.steps.len(),
+            dir.display(),
+            dir.display(),
+            a.model.model.display(),
+            a.pairs.display()
+        );
+    }
     Ok(())
 }
 

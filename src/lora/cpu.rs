@@ -29,6 +29,8 @@
 //! rounding to `T`. Dropout zeroes `x` where [`dropout_keep`] says so and
 //! scales the f32 LoRA sum by `ks = 1/(1−p)`, as the kernels do.
 
+use std::sync::Mutex;
+
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -86,6 +88,76 @@ fn big_panel(budget: usize, other: usize, len: usize) -> usize {
 
 /// Rows of `W` per decode task in the GEMM-bound path.
 const DECODE_ROWS: usize = 16;
+
+/// Bytes of f32 scratch kept between calls of the GEMM-bound forward (see
+/// [`Scratch`]): its buffers for a v_proj at M = 512 (the widened `x`, the
+/// decoded panel, the f32 output) come to 26 MB.
+const SCRATCH_KEEP_BYTES: usize = 64 << 20;
+
+/// Buffers given back by finished calls, for the next call to reuse.
+static SCRATCH_POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+
+/// An f32 buffer of `len` elements whose contents are left over from an
+/// earlier call (callers overwrite every element they read), taken from a
+/// small pool and returned to it on drop.
+///
+/// Why: a fresh multi-megabyte buffer costs a page fault per 4 KiB on its
+/// first touch, or a memset when the allocator reuses memory it must zero;
+/// at M = 512 on a v_proj that is about 1 ms of a 25 ms forward, as much as
+/// the fused path saves over the composite by decoding straight to f32.
+/// The pool keeps at most [`SCRATCH_KEEP_BYTES`]; larger layers allocate
+/// as before.
+struct Scratch {
+    buf: Vec<f32>,
+    len: usize,
+}
+
+impl Scratch {
+    fn pool() -> std::sync::MutexGuard<'static, Vec<Vec<f32>>> {
+        // A panic elsewhere cannot leave a Vec<Vec<f32>> inconsistent.
+        SCRATCH_POOL.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn take(len: usize) -> Self {
+        let mut pool = Self::pool();
+        let fits = pool
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.len() >= len)
+            .min_by_key(|(_, b)| b.len())
+            .map(|(i, _)| i);
+        let buf = fits.map(|i| pool.swap_remove(i));
+        drop(pool);
+        Self {
+            buf: buf.unwrap_or_else(|| vec![0.0; len]),
+            len,
+        }
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.buf[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for Scratch {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.buf[..self.len]
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        let mut pool = Self::pool();
+        let kept: usize = pool.iter().map(|b| b.len() * 4).sum();
+        if kept + buf.len() * 4 <= SCRATCH_KEEP_BYTES {
+            pool.push(buf);
+        }
+    }
+}
 
 /// A strided f32 matrix: element `(i, j)` at `i·rs + j·cs`.
 #[derive(Clone, Copy)]
@@ -182,6 +254,13 @@ fn gemm_f32(
         );
     }
     Ok(())
+}
+
+fn widen_into<T: Element>(v: &[T], out: &mut [f32]) {
+    out.par_iter_mut()
+        .with_min_len(4096)
+        .zip(v)
+        .for_each(|(o, x)| *o = x.to_f32());
 }
 
 fn widen<T: Element>(v: &[T]) -> Vec<f32> {
@@ -299,7 +378,8 @@ fn forward_budget<T: Element>(
         return Err(Error::shape(OP, "output [M, N]", args.out_len(), out.len()));
     }
     let LinearDims { m, n, k } = args.dims;
-    let x = widen(args.x);
+    let mut x = Scratch::take(m * k);
+    widen_into(args.x, &mut x);
     // u = s·ks·x̃·Aᵀ, once for all panels.
     let lora = args.lora.as_ref().map(wide_lora);
     let u = match &lora {
@@ -402,9 +482,11 @@ fn forward_gemm_bound<T: Element>(
     budget: usize,
 ) -> Result<()> {
     let LinearDims { m, n, k } = args.dims;
-    let mut y = vec![0.0f32; m * n];
+    // Every element of `y` is written by the panels' products (they do not
+    // read it), every element of `panel` a product reads by the decode.
+    let mut y = Scratch::take(m * n);
     let rows = big_panel(budget, k, n);
-    let mut panel = vec![0.0f32; rows * k];
+    let mut panel = Scratch::take(rows * k);
     for n0 in (0..n).step_by(rows) {
         let nb = (n - n0).min(rows);
         let wp = &mut panel[..nb * k];
@@ -903,6 +985,11 @@ mod tests {
         let f = |v: f32| f64::from(v);
         let sk = f(s) * f(ks);
 
+        // Leftover scratch holds NaN: an element a product read before
+        // anything wrote it would show in the output.
+        for len in [M * K, M * N, 8 * K] {
+            Scratch::pool().push(vec![f32::NAN; len]);
+        }
         // Forward, 8 rows of W per panel: five panels.
         let mut y = vec![f32::NAN; M * N];
         forward_budget(&args, &mut y, 8 * K).unwrap();

@@ -9,6 +9,9 @@
 //!   negative, LoRA on the early blocks, AdamW with linear warm-up and
 //!   decay) and its PEFT checkpoints.
 //! * [`eval`]: before/after per pair with a paired t-test per set.
+//! * [`mod@specificity`]: non-matching cosines, margin and retrieval ranks of a
+//!   set's cosine matrix, and the verdict on whether a gain is specific or
+//!   collapse.
 //! * [`stats`]: means, standard deviations, the paired t-test.
 //! * [`plot`]: SVG plots of scan and eval reports.
 
@@ -16,10 +19,12 @@ pub mod embed;
 pub mod eval;
 pub mod plot;
 pub mod scan;
+pub mod specificity;
 pub mod stats;
 pub mod train;
 
 pub use embed::{ModelOptions, Pooling, load_model, pair_cosines};
 pub use eval::{EvalOptions, EvalReport, SetReport, evaluate, evaluate_adapter};
 pub use scan::{LayerAlignment, PoolingChoice, ScanOptions, ScanReport, scan};
+pub use specificity::{Specificity, SpecificityChange, Verdict, specificity, verdict};
 pub use train::{LinearSchedule, StepInfo, TrainOptions, TrainReport, train};

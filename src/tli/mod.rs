@@ -8,7 +8,8 @@
 //! * [`mod@train`]: the TLI step (triplet loss with the hardest in-batch
 //!   negative, LoRA on the early blocks, AdamW with linear warm-up and
 //!   decay) and its PEFT checkpoints.
-//! * [`eval`]: before/after per pair with a paired t-test per set.
+//! * [`eval`]: before/after per pair with a paired t-test per set, and the
+//!   specificity of each set before and after.
 //! * [`mod@specificity`]: non-matching cosines, margin and retrieval ranks of a
 //!   set's cosine matrix, and the verdict on whether a gain is specific or
 //!   collapse.
@@ -23,8 +24,10 @@ pub mod specificity;
 pub mod stats;
 pub mod train;
 
-pub use embed::{ModelOptions, Pooling, load_model, pair_cosines};
-pub use eval::{EvalOptions, EvalReport, SetReport, evaluate, evaluate_adapter};
+pub use embed::{ModelOptions, PairEmbeddings, Pooling, load_model, pair_cosines, pair_embeddings};
+pub use eval::{
+    EvalOptions, EvalReport, Measurement, SetReport, evaluate, evaluate_adapter, measure_set,
+};
 pub use scan::{LayerAlignment, PoolingChoice, ScanOptions, ScanReport, scan};
 pub use specificity::{Specificity, SpecificityChange, Verdict, specificity, verdict};
 pub use train::{LinearSchedule, StepInfo, TrainOptions, TrainReport, train};

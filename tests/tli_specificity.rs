@@ -570,6 +570,8 @@ fn scan_specificity_matches_an_f64_recomputation() {
         "{table}"
     );
     assert_eq!(table.lines().count(), 4, "{table}");
+    let svg = tli_kernels::tli::plot::scan_svg(&r).unwrap();
+    assert!(svg.contains("margin: words"), "margin line missing");
 }
 
 #[test]
@@ -699,4 +701,9 @@ fn eval_specificity_matches_an_f64_recomputation_and_the_rule() {
     ] {
         assert!(table.contains(needle), "{needle}:\n{table}");
     }
+    let svg = tli_kernels::tli::plot::eval_svg(&r).unwrap();
+    assert!(
+        svg.contains("Specificity") && svg.contains("non-matching"),
+        "panel missing"
+    );
 }

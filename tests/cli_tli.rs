@@ -87,6 +87,13 @@ fn scan_train_eval_end_to_end() {
         .collect();
     assert_eq!(idx, [0, 0, 2, 2, 4, 4]);
     assert_eq!(v["layers"][1]["cosines"].as_array().unwrap().len(), 40);
+    for key in ["nonmatching_mean", "margin", "top1", "mrr_en_sw"] {
+        assert!(v["layers"][1][key].is_number(), "scan {key}");
+    }
+    assert!(
+        out.contains("words margin") && out.contains("all top1"),
+        "{out}"
+    );
     assert_eq!(v["pairs"].as_array().unwrap().len(), 40);
     let svg = std::fs::read_to_string(&plot).unwrap();
     assert!(
@@ -159,6 +166,19 @@ fn scan_train_eval_end_to_end() {
     assert_eq!(v["sets"]["control"]["n"], 10);
     assert_eq!(v["sets"]["control"]["df"], 9);
     assert_eq!(v["sets"]["trained"]["before"].as_array().unwrap().len(), 40);
+    for key in [
+        "nonmatching_mean_after",
+        "margin_before",
+        "top1_after",
+        "mrr_en_sw_before",
+    ] {
+        assert!(v["sets"]["control"][key].is_number(), "eval {key}");
+    }
+    assert!(v["sets"]["trained"]["verdict"].is_string());
+    assert!(
+        out.contains("non-matching") && out.contains("control: "),
+        "{out}"
+    );
     let keys: Vec<&String> = v["sets"].as_object().unwrap().keys().collect();
     assert_eq!(keys.len(), 2);
     assert_eq!(std::fs::read_to_string(&csv).unwrap().lines().count(), 51);

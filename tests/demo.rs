@@ -141,6 +141,10 @@ fn cli_demo_says_synthetic_and_reports_each_device() {
         "3. eval",
         "trained    625",
         "control     63",
+        "words margin",
+        "non-matching",
+        "trained: ",
+        "control: ",
         "kernel on cpu",
         "kernel on sim",
     ] {
@@ -198,6 +202,15 @@ fn tli_stage_scans_trains_and_improves_reproducibly() {
     assert!(t.after_mean > t.before_mean, "{t:?}");
     assert!(t.t > 0.0 && t.p < 1e-3, "t {} p {}", t.t, t.p);
     assert_eq!(r.eval.sets[1].1.n, 63);
+    // Both sets carry the specificity and a verdict.
+    for (name, s) in &r.eval.sets {
+        let c = s.specificity.as_ref().unwrap();
+        assert!(
+            c.before.margin.is_finite() && c.after.margin.is_finite(),
+            "{name}"
+        );
+        assert!(!c.verdict.is_empty(), "{name}");
+    }
     // The simulator's kernel agrees with the CPU's to f32 rounding, and the
     // CPU reproduces the evaluation exactly.
     match &r.kernels[0] {

@@ -1,5 +1,5 @@
 //! `tli eval`: per-pair alignment before and after an adapter, with a paired
-//! t-test per set.
+//! t-test per set, and whether the gain is specific to the translations.
 //!
 //! JSON (stable; fields may be added):
 //!
@@ -7,8 +7,18 @@
 //! {"layer": i, "pooling": "words"|"all",
 //!  "sets": {"trained": {"n", "before_mean", "before_sd", "after_mean",
 //!                       "after_sd", "change", "change_pct", "t", "df", "p",
-//!                       "improved", "worsened", "before": [...],
-//!                       "after": [...], "pairs": [[sw, en], ...]},
+//!                       "improved", "worsened",
+//!                       "matching_mean_before", "matching_mean_after",
+//!                       "nonmatching_mean_before", "nonmatching_mean_after",
+//!                       "margin_before", "margin_after",
+//!                       "top1_before", "top1_after", "top5_before",
+//!                       "top5_after", "mrr_before", "mrr_after",
+//!                       "top1_en_sw_before", "top1_en_sw_after",
+//!                       "top5_en_sw_before", "top5_en_sw_after",
+//!                       "mrr_en_sw_before", "mrr_en_sw_after",
+//!                       "specific": true|false|null, "verdict": "...",
+//!                       "before": [...], "after": [...],
+//!                       "pairs": [[sw, en], ...]},
 //!           "control": {...}}}
 //! ```
 //!
@@ -17,13 +27,29 @@
 //! `t`, `df`, `p` are the paired t-test of [`super::stats::paired_t_test`]
 //! (`null` where undefined). A pair *improved* when its cosine after is
 //! strictly greater than before, *worsened* when strictly smaller.
+//!
+//! The specificity fields describe the set's cosine matrix `C[i][j] =
+//! cos(swahili_i, english_j)` before and after (definitions in
+//! [`super::specificity`](mod@super::specificity)): `matching_mean` is the mean
+//! of its diagonal (the per-pair cosines up to f32 rounding),
+//! `nonmatching_mean` the mean of the off-diagonal, `margin` their difference;
+//! `top1`, `top5`, `mrr` rank each Swahili word's translation among the set's
+//! English words, the `_en_sw` fields each English word's translation among the
+//! Swahili words, ties counting against the translation. `specific` and
+//! `verdict` are [`super::specificity::verdict`]: `false` when the pair cosines
+//! rose but the margin did not grow (collapse toward a shared direction),
+//! `true` when both rose, `null` when there is no gain to judge or `n = 1`
+//! (where the non-matching mean and the margin are `null`). The matrix is
+//! computed by the fused cosine-matrix op on the evaluation's device from the
+//! pooled embeddings of the same model pass as the per-pair cosines.
 
 use std::path::Path;
 
 use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 
-use super::embed::{Pooling, pair_cosines};
+use super::embed::{Pooling, pair_cosines, pair_embeddings};
+use super::specificity::{Specificity, SpecificityChange};
 use super::stats::{mean, paired_t_test, sd};
 use crate::model::{Llama, LlamaTokenizer};
 use crate::pairs::Pair;
@@ -56,6 +82,12 @@ pub struct SetReport {
     pub improved: usize,
     /// Pairs whose cosine fell.
     pub worsened: usize,
+    /// Specificity before and after and the verdict, flattened into the
+    /// JSON (`nonmatching_mean_before`, …, `specific`, `verdict`).
+    /// [`evaluate`] always fills it; `None` (no such fields) for a report
+    /// built by [`SetReport::new`] from cosines alone.
+    #[serde(flatten)]
+    pub specificity: Option<SpecificityChange>,
     /// Per-pair cosines before, input order.
     pub before: Vec<f32>,
     /// Per-pair cosines after, input order.
@@ -97,6 +129,7 @@ impl SetReport {
             p: test.p,
             improved: a.iter().zip(&b).filter(|(x, y)| x > y).count(),
             worsened: a.iter().zip(&b).filter(|(x, y)| x < y).count(),
+            specificity: None,
             before,
             after,
             pairs: pairs
@@ -105,6 +138,45 @@ impl SetReport {
                 .collect(),
         })
     }
+
+    /// [`SetReport::new`] with the specificity of the set's cosine matrix
+    /// before and after, and the verdict on the change.
+    ///
+    /// # Errors
+    /// As [`SetReport::new`]; [`Error::ShapeMismatch`] when a measurement's
+    /// specificity is not of `pairs.len()` pairs.
+    pub fn with_specificity(
+        pairs: &[Pair],
+        before: Measurement,
+        after: Measurement,
+    ) -> Result<Self> {
+        for (what, m) in [
+            ("specificity before", &before),
+            ("specificity after", &after),
+        ] {
+            if m.specificity.n != pairs.len() {
+                return Err(Error::shape("eval", what, pairs.len(), m.specificity.n));
+            }
+        }
+        let mut r = Self::new(pairs, before.cosines, after.cosines)?;
+        r.specificity = Some(SpecificityChange::new(
+            r.before_mean,
+            r.after_mean,
+            before.specificity,
+            after.specificity,
+        ));
+        Ok(r)
+    }
+}
+
+/// One set measured once: per-pair cosines and the specificity of its
+/// cosine matrix, from the same model pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Measurement {
+    /// Per-pair cosines, input order.
+    pub cosines: Vec<f32>,
+    /// The set's [`Specificity`].
+    pub specificity: Specificity,
 }
 
 /// What [`evaluate`] measured.
@@ -182,13 +254,44 @@ pub fn measure(
     Ok(c.pop().and_then(|mut v| v.pop()).unwrap_or_default())
 }
 
-/// Evaluate an adapter: measure every set on `model` as it is (the
-/// "before"), apply the adapter with `apply` (e.g. load a PEFT directory),
-/// measure again (the "after") and compare.
+/// Per-pair cosines of one set and the [`Specificity`] of its cosine
+/// matrix: one model pass keeps the pooled embeddings, and the fused
+/// cosine-matrix op computes the matrix on `opts.device`. The embeddings
+/// (`2 · n · dim` f32) and the `n × n` matrix live only during the call.
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] for no sets; as [`measure`], `apply` and
-/// [`SetReport::new`].
+/// As [`pair_embeddings`] and [`super::embed::PairEmbeddings::specificity`].
+pub fn measure_set(
+    model: &Llama,
+    tok: &LlamaTokenizer,
+    pairs: &[Pair],
+    opts: &EvalOptions,
+) -> Result<Measurement> {
+    let e = pair_embeddings(
+        model,
+        tok,
+        pairs,
+        &[opts.layer],
+        &[opts.pooling],
+        opts.device,
+    )?
+    .pop()
+    .and_then(|mut v| v.pop())
+    .ok_or_else(|| Error::invalid("eval", "internal: no embeddings measured"))?;
+    let specificity = e.specificity(opts.device)?;
+    Ok(Measurement {
+        cosines: e.cos,
+        specificity,
+    })
+}
+
+/// Evaluate an adapter: measure every set on `model` as it is (the
+/// "before"), apply the adapter with `apply` (e.g. load a PEFT directory),
+/// measure again (the "after") and compare, specificity included.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for no sets; as [`measure_set`], `apply` and
+/// [`SetReport::with_specificity`].
 pub fn evaluate<F>(
     model: &mut Llama,
     tok: &LlamaTokenizer,
@@ -202,15 +305,15 @@ where
     if sets.is_empty() {
         return Err(Error::invalid("eval", "no sets to evaluate"));
     }
-    let before: Vec<Vec<f32>> = sets
+    let before: Vec<Measurement> = sets
         .iter()
-        .map(|(_, p)| measure(model, tok, p, opts))
+        .map(|(_, p)| measure_set(model, tok, p, opts))
         .collect::<Result<_>>()?;
     apply(model)?;
     let mut out = Vec::with_capacity(sets.len());
     for ((name, pairs), b) in sets.iter().zip(before) {
-        let a = measure(model, tok, pairs, opts)?;
-        out.push((name.to_string(), SetReport::new(pairs, b, a)?));
+        let a = measure_set(model, tok, pairs, opts)?;
+        out.push((name.to_string(), SetReport::with_specificity(pairs, b, a)?));
     }
     Ok(EvalReport {
         layer: opts.layer,
@@ -316,6 +419,54 @@ impl EvalReport {
                 r.improved,
                 r.worsened
             ));
+        }
+        s.push_str(&self.specificity_table());
+        s
+    }
+
+    /// The specificity table (one row per set, `before -> after`) and one
+    /// verdict line per set; empty when no set carries specificity.
+    pub fn specificity_table(&self) -> String {
+        let rows: Vec<(&String, &SpecificityChange)> = self
+            .sets
+            .iter()
+            .filter_map(|(name, r)| r.specificity.as_ref().map(|c| (name, c)))
+            .collect();
+        if rows.is_empty() {
+            return String::new();
+        }
+        let cell = |b: f64, a: f64| format!("{b:.3} -> {a:.3}");
+        let mut s = String::from(
+            "specificity: C[i][j] = cos(Swahili i, English j) within a set; non-matching = mean \
+             off-diagonal, margin = mean diagonal - non-matching;\n\
+             top-1 / MRR: rank of each word's translation among the set's words (ties count \
+             against it), sw->en by rows, en->sw by columns\n",
+        );
+        s.push_str(&format!(
+            "{:<8}  {:>16}  {:>16}  {:>16}  {:>16}  {:>16}  {:>16}\n",
+            "set",
+            "non-matching",
+            "margin",
+            "top-1 sw->en",
+            "MRR sw->en",
+            "top-1 en->sw",
+            "MRR en->sw"
+        ));
+        for (name, c) in &rows {
+            let (b, a) = (&c.before, &c.after);
+            s.push_str(&format!(
+                "{:<8}  {:>16}  {:>16}  {:>16}  {:>16}  {:>16}  {:>16}\n",
+                name,
+                cell(b.nonmatching_mean, a.nonmatching_mean),
+                cell(b.margin, a.margin),
+                cell(b.top1, a.top1),
+                cell(b.mrr, a.mrr),
+                cell(b.top1_en_sw, a.top1_en_sw),
+                cell(b.mrr_en_sw, a.mrr_en_sw),
+            ));
+        }
+        for (name, c) in &rows {
+            s.push_str(&format!("{name}: {}\n", c.verdict));
         }
         s
     }

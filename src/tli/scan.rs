@@ -11,16 +11,41 @@
 //! ```text
 //! {"pooling": "words"|"all"|"both",
 //!  "layers": [{"index": i, "pooling": "words"|"all", "mean": m, "sd": s,
-//!              "cosines": [per pair, input order]}, ...],
-//!  "pairs": [[sw, en], ...]}
+//!              "cosines": [per pair, input order],
+//!              "matching_mean", "nonmatching_mean", "margin",
+//!              "top1", "top5", "mrr", "top1_en_sw", "top5_en_sw",
+//!              "mrr_en_sw"}, ...],
+//!  "pairs": [[sw, en], ...], "device": "cpu"|"sim"|"cuda"}
 //! ```
 //!
 //! `layers` is ordered by index, and within an index `words` before `all`.
 //! `sd` is the sample standard deviation (`null` for a single pair).
+//!
+//! The specificity fields describe the cosine matrix of all scanned pairs,
+//! `C[i][j] = cos(swahili_i, english_j)`, at that layer and pooling
+//! (definitions in [`super::specificity`](mod@super::specificity)):
+//! `matching_mean` is the mean of its diagonal (`mean` up to f32 rounding),
+//! `nonmatching_mean` the mean of the off-diagonal (`null` for one pair),
+//! `margin` their difference; `top1`, `top5`, `mrr` rank each Swahili word's
+//! translation among all the English words, the `_en_sw` fields the reverse,
+//! ties counting against the translation. A high `mean` with a margin near 0
+//! means every word is close to every other word there, not that the
+//! translations align.
+//!
+//! Memory: the matrices need every pair's pooled embeddings, and a layer's
+//! embeddings are complete only after the last chunk of pairs has run
+//! through the model (all layers come out of the same forward passes), so
+//! the scan holds `2 · n · dim` f32 per (layer, pooling) until then:
+//! `8 · n · dim · layers · poolings` bytes, 1.35 GB for 623 pairs on
+//! Llama-3-8B (width 4096, 33 indices, both poolings). Each set of vectors
+//! is released as soon as its matrix is reduced; the `n × n` matrix itself
+//! exists for one (layer, pooling) at a time. Scan fewer layers or one
+//! pooling to lower the peak.
 
 use serde::Serialize;
 
-use super::embed::{Pooling, pair_cosines};
+use super::embed::{Pooling, pair_embeddings};
+use super::specificity::Specificity;
 use super::stats::{mean, sd};
 use crate::model::{Llama, LlamaTokenizer};
 use crate::pairs::Pair;
@@ -105,6 +130,11 @@ pub struct LayerAlignment {
     pub sd: f64,
     /// Each pair's cosine, in input order.
     pub cosines: Vec<f32>,
+    /// Specificity of the cosine matrix of all pairs at this layer and
+    /// pooling (flattened into the entry: `nonmatching_mean`, `margin`,
+    /// `top1`, …).
+    #[serde(flatten)]
+    pub specificity: Specificity,
 }
 
 /// What [`scan`] measured.
@@ -124,7 +154,7 @@ pub struct ScanReport {
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] for an empty or repeated layer list or a layer
-/// beyond the model; as [`pair_cosines`].
+/// beyond the model; as [`pair_embeddings`] and the cosine-matrix op.
 pub fn scan(
     model: &Llama,
     tok: &LlamaTokenizer,
@@ -144,18 +174,20 @@ pub fn scan(
         ));
     }
     let rules = opts.pooling.rules();
-    let cos = pair_cosines(model, tok, pairs, &layers, &rules, opts.device)?;
+    let emb = pair_embeddings(model, tok, pairs, &layers, &rules, opts.device)?;
     let mut out = Vec::with_capacity(layers.len() * rules.len());
-    for (li, &index) in layers.iter().enumerate() {
-        for (pi, &pooling) in rules.iter().enumerate() {
-            let c = &cos[li][pi];
-            let c64: Vec<f64> = c.iter().map(|&v| f64::from(v)).collect();
+    for (per_layer, &index) in emb.into_iter().zip(&layers) {
+        for (e, &pooling) in per_layer.into_iter().zip(&rules) {
+            let specificity = e.specificity(opts.device)?;
+            let c64: Vec<f64> = e.cos.iter().map(|&v| f64::from(v)).collect();
+            // `e` (its pooled vectors) is dropped here.
             out.push(LayerAlignment {
                 index,
                 pooling,
                 mean: mean(&c64),
                 sd: sd(&c64),
-                cosines: c.clone(),
+                cosines: e.cos,
+                specificity,
             });
         }
     }
@@ -195,23 +227,33 @@ impl ScanReport {
             .find(|l| l.index == index && l.pooling == pooling)
     }
 
-    /// A terminal table: one row per layer, `mean (sd)` per pooling rule
-    /// side by side.
+    /// A terminal table: one row per layer; per pooling rule side by side
+    /// `mean (sd)` of the pair cosines, the margin (matching minus
+    /// non-matching mean cosine) and the top-1 retrieval accuracy
+    /// (Swahili → English).
     pub fn table(&self) -> String {
         let rules = self.rules();
         let mut indices: Vec<usize> = self.layers.iter().map(|l| l.index).collect();
         indices.dedup();
         let mut s = format!("{:>5}", "layer");
         for r in &rules {
-            s.push_str(&format!("  {:>17}", format!("{} mean (sd)", r.name())));
+            s.push_str(&format!(
+                "  {:>17}  {:>12}  {:>10}",
+                format!("{} mean (sd)", r.name()),
+                format!("{} margin", r.name()),
+                format!("{} top1", r.name())
+            ));
         }
         s.push('\n');
         for i in indices {
             s.push_str(&format!("{i:>5}"));
             for &r in &rules {
                 match self.get(i, r) {
-                    Some(l) => s.push_str(&format!("  {:>8.4} ({:>6.4})", l.mean, l.sd)),
-                    None => s.push_str(&format!("  {:>17}", "-")),
+                    Some(l) => s.push_str(&format!(
+                        "  {:>8.4} ({:>6.4})  {:>12.4}  {:>10.3}",
+                        l.mean, l.sd, l.specificity.margin, l.specificity.top1
+                    )),
+                    None => s.push_str(&format!("  {:>17}  {:>12}  {:>10}", "-", "-", "-")),
                 }
             }
             s.push('\n');

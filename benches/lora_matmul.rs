@@ -236,7 +236,7 @@ fn bench_cpu(c: &mut Criterion, machine: &Machine) {
 /// time at M = 4096): criterion measures one after the other, so load that
 /// changes over minutes on a shared machine can flip their order. Pairs of
 /// (fused, unfused) back to back see the same load.
-const AB_PAIRS: usize = 5;
+const AB_PAIRS: usize = 9;
 
 /// The median over [`AB_PAIRS`] back-to-back pairs of `time(a) / time(b)`,
 /// with the smallest and largest ratio, formatted.

@@ -89,10 +89,12 @@ fn big_panel(budget: usize, other: usize, len: usize) -> usize {
 /// Rows of `W` per decode task in the GEMM-bound path.
 const DECODE_ROWS: usize = 16;
 
-/// Bytes of f32 scratch kept between calls of the GEMM-bound forward (see
-/// [`Scratch`]): its buffers for a v_proj at M = 512 (the widened `x`, the
-/// decoded panel, the f32 output) come to 26 MB.
-const SCRATCH_KEEP_BYTES: usize = 64 << 20;
+/// Bytes of f32 scratch kept between calls (see [`Scratch`]): the forward's
+/// buffers for a v_proj at M = 512 (the widened `x`, the decoded panel, the
+/// f32 output) come to 26 MB, at M = 4096 to 96 MB; a q_proj at M = 4096
+/// needs 192 MB. An MLP at M = 4096 (534 MB) keeps what fits.
+/// [`release_scratch`] frees it.
+const SCRATCH_KEEP_BYTES: usize = 256 << 20;
 
 /// Buffers given back by finished calls, for the next call to reuse.
 static SCRATCH_POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
@@ -105,8 +107,8 @@ static SCRATCH_POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
 /// first touch, or a memset when the allocator reuses memory it must zero;
 /// at M = 512 on a v_proj that is about 1 ms of a 25 ms forward, as much as
 /// the fused path saves over the composite by decoding straight to f32.
-/// The pool keeps at most [`SCRATCH_KEEP_BYTES`]; larger layers allocate
-/// as before.
+/// The pool keeps at most [`SCRATCH_KEEP_BYTES`], only ever buffers that a
+/// call needed at once; the rest is freed as usual.
 struct Scratch {
     buf: Vec<f32>,
     len: usize,
@@ -133,6 +135,12 @@ impl Scratch {
             len,
         }
     }
+}
+
+/// Free the f32 scratch the CPU paths keep between calls (up to 256 MB after
+/// large products); the next call allocates afresh.
+pub fn release_scratch() {
+    Scratch::pool().clear();
 }
 
 impl std::ops::Deref for Scratch {
@@ -622,7 +630,8 @@ fn backward_budget<T: Element>(
     args.validate(OP, &grads)?;
     let fwd = &args.fwd;
     let LinearDims { m, n, k } = fwd.dims;
-    let dy = widen(args.dy);
+    let mut dy = Scratch::take(m * n);
+    widen_into(args.dy, &mut dy);
     let lora = fwd.lora.as_ref().map(wide_lora);
     let ks = keep_scale(fwd.dropout);
     let drop = fwd.dropout.filter(|d| d.p > 0.0);
@@ -735,9 +744,11 @@ fn dx_gemm_bound<T: Element>(
     budget: usize,
 ) -> Result<()> {
     let LinearDims { m, n, k } = fwd.dims;
-    let mut dx = vec![0.0f32; m * k];
+    // Every element of `dx` is written by the strips' products, every
+    // element of `strip` a product reads by the decode.
+    let mut dx = Scratch::take(m * k);
     let width = big_panel(budget, n, k);
-    let mut strip = vec![0.0f32; n * width];
+    let mut strip = Scratch::take(n * width);
     for k0 in (0..k).step_by(width) {
         let kb = (k - k0).min(width);
         let ws = &mut strip[..n * kb];
@@ -759,7 +770,7 @@ fn dx_gemm_bound<T: Element>(
     }
     dx_out
         .par_iter_mut()
-        .zip(&dx)
+        .zip(&dx[..])
         .for_each(|(o, &v)| *o = T::from_f32(v));
     Ok(())
 }
@@ -772,7 +783,8 @@ fn add_lora_dx<T: Element>(
     dx: &mut [f32],
 ) -> Result<()> {
     let LinearDims { m, k, .. } = fwd.dims;
-    let mut h = vec![0.0f32; m * k];
+    // Written whole by the product (it does not read it).
+    let mut h = Scratch::take(m * k);
     gemm_f32(
         &mut h,
         k,
@@ -785,7 +797,7 @@ fn add_lora_dx<T: Element>(
     let ks = keep_scale(fwd.dropout);
     let drop = fwd.dropout.filter(|d| d.p > 0.0);
     dx.par_iter_mut()
-        .zip(&h)
+        .zip(&h[..])
         .enumerate()
         .for_each(|(i, (d, &hv))| {
             if drop.is_none_or(|dr| dropout_keep(dr.seed, i as u64, dr.threshold())) {
@@ -1025,7 +1037,11 @@ mod tests {
         }
         check("y", &y, &exact, &abs, K);
 
-        // Backward dx, 8 columns of W per strip: four strips, the last of 6.
+        // Backward dx, 8 columns of W per strip: four strips, the last of 6;
+        // leftover scratch again NaN.
+        for len in [M * N, M * K, M * K, 8 * N] {
+            Scratch::pool().push(vec![f32::NAN; len]);
+        }
         let mut dx = vec![f32::NAN; M * K];
         let bw = BackwardArgs { fwd: args, dy: &dy };
         let grads = Grads {

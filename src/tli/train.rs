@@ -19,7 +19,7 @@
 //!   `loss_i = max(0, margin + max_{j≠i} cos(sw_i, en_j) − cos(sw_i, en_i))`,
 //!   averaged over the batch ([`triplet_loss`]). A batch of one pair has no
 //!   negative; its loss is 0 (no gradient).
-//! * **Optimizer.** [`AdamW`](super::optim::AdamW), PyTorch's
+//! * **Optimizer.** [`AdamW`], PyTorch's
 //!   `torch.optim.AdamW` step for step: decoupled weight decay
 //!   (`θ ← θ·(1 − lr·λ)` with the current learning rate) then the
 //!   bias-corrected Adam update; betas 0.9/0.999, eps 1e-8, weight decay

@@ -34,6 +34,17 @@ fn go(_: &StepInfo) -> ControlFlow<()> {
     ControlFlow::Continue(())
 }
 
+/// A progress hook that stops the run after step `n`.
+fn stop_at(n: usize) -> impl FnMut(&StepInfo) -> ControlFlow<()> {
+    move |s| {
+        if s.step == n {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+}
+
 /// A hand-written f64 AdamW step as `torch.optim.AdamW` does it (its
 /// single-tensor path), for one parameter at its step `t`.
 fn torch_adamw(
@@ -471,13 +482,7 @@ fn an_interrupted_run_resumed_equals_an_uninterrupted_one() {
         &tok,
         &pairs,
         &small_run(Some(&b), &log_b, 7),
-        &mut |s| {
-            if s.step == 7 {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        },
+        &mut stop_at(7),
     )
     .unwrap();
     assert!(!part.completed);
@@ -523,13 +528,7 @@ fn an_interrupted_run_resumed_equals_an_uninterrupted_one() {
         &tok,
         &pairs,
         &small_run(Some(&b), &log_b, 7),
-        &mut |s| {
-            if s.step == 2 {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        },
+        &mut stop_at(2),
     )
     .unwrap();
     assert_eq!(part.steps.len(), 2);

@@ -6,7 +6,7 @@
 
 mod common;
 
-use candle_core::{DType as CDType, Device as CDevice, Tensor};
+use candle_core::{DType as CDType, Device as CDevice};
 use rand::Rng;
 use serde_json::Value;
 use tli_kernels::Device;
@@ -613,12 +613,7 @@ fn random_adapter(dir: &std::path::Path) {
         ..LoraConfig::default()
     };
     lora::attach(&mut m, &cfg, 5).unwrap();
-    for (k, v) in lora::trainable_vars(&m).iter().enumerate() {
-        if k % 2 == 1 {
-            let t = Tensor::randn(0f32, 0.3, v.as_tensor().dims(), &CDevice::Cpu).unwrap();
-            v.set(&t).unwrap();
-        }
-    }
+    common::randomize_lora_b(&m, 500, 0.3);
     save_peft(&m, &cfg, dir).unwrap();
 }
 

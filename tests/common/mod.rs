@@ -72,3 +72,34 @@ pub fn poison<T: Element>() -> T {
     // 0x7fa5_a5a5 as f32 is a NaN; its bf16/f16 conversions are NaNs too.
     T::from_f32(f32::from_bits(0x7fa5_a5a5))
 }
+
+/// A `[dims]` f32 tensor on the CPU of normal draws (mean 0, standard
+/// deviation `std`) from the seeded RNG `seed`.
+///
+/// candle's own `Tensor::randn` draws from an unseeded generator, so a test
+/// built on it checks a different point on every run (clippy.toml refuses
+/// it); this is the reproducible replacement.
+pub fn randn_tensor(seed: u64, std: f32, dims: &[usize]) -> candle_core::Tensor {
+    use rand_distr::{Distribution, Normal};
+    let normal = Normal::new(0.0f32, std).expect("a finite, non-negative standard deviation");
+    let mut r = rng(seed);
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| normal.sample(&mut r)).collect();
+    candle_core::Tensor::from_vec(v, dims, &candle_core::Device::Cpu).expect("shape matches")
+}
+
+/// Give every LoRA `B` factor of `model` seeded normal values (standard
+/// deviation `std`), so that `A` gets a gradient and adapters change the
+/// hidden states. Factor `k` draws from seed `seed + k`.
+pub fn randomize_lora_b(model: &tli_kernels::model::Llama, seed: u64, std: f32) {
+    // trainable_vars lists each module's A, then its B.
+    for (k, v) in tli_kernels::model::lora::trainable_vars(model)
+        .iter()
+        .enumerate()
+    {
+        if k % 2 == 1 {
+            v.set(&randn_tensor(seed + k as u64, std, v.as_tensor().dims()))
+                .expect("same shape and dtype");
+        }
+    }
+}

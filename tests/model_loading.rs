@@ -2,6 +2,8 @@
 //! for malformed input, 4-bit checkpoints against quantize-then-dequantize,
 //! sharded checkpoints, and a property test that the parsers never panic.
 
+mod common;
+
 use std::path::Path;
 
 use candle_core::Device as CDevice;
@@ -416,7 +418,7 @@ fn sharded_checkpoint_loads_like_one_file() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(common::proptest_config(256))]
 
     /// Config parsing never panics: mutate a real config's text at random.
     #[test]

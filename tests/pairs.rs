@@ -3,6 +3,8 @@
 //! lenient parts of the format (comments, blank lines, CRLF, BOM, padding),
 //! and properties: the parser never panics and round-trips what it accepts.
 
+mod common;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
@@ -483,6 +485,7 @@ fn entry() -> impl Strategy<Value = String> {
 }
 
 proptest! {
+    #![proptest_config(common::proptest_config(256))]
     #[test]
     fn parse_never_panics_on_arbitrary_text(text in any::<String>()) {
         let _ = parse_pairs(&text, SRC);
@@ -530,7 +533,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(common::proptest_config(64))]
 
     #[test]
     fn read_pairs_never_panics_on_arbitrary_bytes(

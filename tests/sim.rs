@@ -777,7 +777,11 @@ fn fma_is_fused_and_rn_operations_are_not() {
 fn broken_kernels_fail_quickly_with_a_clear_message() {
     let mut out = vec![0u32; 128];
     // Misuse is detected when it happens; only the deadlock needs the
-    // timeout, so the others get a long one and must finish well before it.
+    // timeout. The others get one long enough that no loaded machine
+    // reaches it, so their messages (which name the misuse, not a timeout)
+    // prove they were caught without it; no wall-clock bound is needed.
+    // The deadlock must wait for its timeout (a lower bound that always
+    // holds) and is given a generous upper bound only to catch a hang.
     let cases = [
         (Misbehaviour::SkipBarrier, 5, "returned from the kernel"),
         (Misbehaviour::SkipBarrier, 0, "returned from the kernel"),
@@ -792,10 +796,10 @@ fn broken_kernels_fail_quickly_with_a_clear_message() {
         (Misbehaviour::MismatchedShuffle, 9, "same collective"),
     ];
     for (how, who, expect) in cases {
-        let (timeout_ms, limit) = if how == Misbehaviour::Deadlock {
-            (250, Duration::from_secs(5))
+        let timeout_ms = if how == Misbehaviour::Deadlock {
+            250
         } else {
-            (4000, Duration::from_millis(3500))
+            600_000
         };
         let cfg = TliSimLaunch::linear(2, 64).with_timeout_ms(timeout_ms);
         let start = Instant::now();
@@ -810,7 +814,12 @@ fn broken_kernels_fail_quickly_with_a_clear_message() {
             message.contains("block (0,0,0)"),
             "{how:?}: the first block fails: {message}"
         );
-        assert!(took < limit, "{how:?} took {took:?}");
+        if how == Misbehaviour::Deadlock {
+            assert!(took >= Duration::from_millis(250), "{how:?} took {took:?}");
+            assert!(took < Duration::from_secs(120), "{how:?} took {took:?}");
+        } else {
+            assert!(!message.contains("timed out"), "{how:?}: {message}");
+        }
         // The simulator is usable again at once: a correct kernel runs.
         out.fill(0);
         selftest::broken(&cfg, Misbehaviour::None, 0, &mut out).unwrap();
@@ -832,7 +841,8 @@ fn a_deadlock_names_every_waiting_thread_and_honours_the_timeout() {
         took >= Duration::from_millis(400),
         "gave up after {took:?}, before the 400 ms timeout"
     );
-    assert!(took < Duration::from_secs(5), "took {took:?}");
+    // Generous: only a hang fails it, not a loaded machine.
+    assert!(took < Duration::from_secs(120), "took {took:?}");
     assert!(message.contains("400 ms"), "{message}");
     assert!(
         message.contains("1 at __syncwarp mask 0x0000000c"),

@@ -2,6 +2,9 @@
 //! test on, and bit-level comparison.
 #![allow(dead_code)]
 
+use std::io::Write;
+use std::path::PathBuf;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tli_kernels::{Device, Element};
@@ -71,4 +74,30 @@ pub fn wide_f32(rng: &mut impl Rng) -> f32 {
 pub fn poison<T: Element>() -> T {
     // 0x7fa5_a5a5 as f32 is a NaN; its bf16/f16 conversions are NaNs too.
     T::from_f32(f32::from_bits(0x7fa5_a5a5))
+}
+
+/// The SmolLM2-135M-Instruct GGUF named by `TLI_SMOLLM2_GGUF`
+/// (`export TLI_SMOLLM2_GGUF="$(scripts/fetch-smollm2)"`; `.ci/run` does
+/// this), or `None` after printing `<test>: skipped: <reason>` when the
+/// variable is unset or empty. A variable that names no file is a broken
+/// setup, not a reason to skip: that panics, so CI cannot skip silently.
+pub fn smollm2_gguf(test: &str) -> Option<PathBuf> {
+    let path = match std::env::var_os("TLI_SMOLLM2_GGUF") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "{test}: skipped: TLI_SMOLLM2_GGUF is not set \
+                 (export TLI_SMOLLM2_GGUF=\"$(scripts/fetch-smollm2)\" to run it)"
+            );
+            return None;
+        }
+    };
+    assert!(
+        path.is_file(),
+        "{test}: TLI_SMOLLM2_GGUF={} is not a file; rerun scripts/fetch-smollm2 \
+         or unset the variable to skip",
+        path.display()
+    );
+    Some(path)
 }

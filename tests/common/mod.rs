@@ -2,6 +2,9 @@
 //! test on, and bit-level comparison.
 #![allow(dead_code)]
 
+use std::io::Write;
+use std::path::PathBuf;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tli_kernels::{Device, Element};
@@ -125,4 +128,41 @@ pub fn proptest_config(cases: u32) -> proptest::test_runner::Config {
         },
         ..from_env
     }
+}
+
+/// The SmolLM2-135M-Instruct GGUF named by `TLI_SMOLLM2_GGUF`
+/// (`export TLI_SMOLLM2_GGUF="$(scripts/fetch-smollm2)"`; `.ci/run` does
+/// this) or, when that is unset, found in scripts/fetch-smollm2's default
+/// cache; else `None` after printing `<test>: skipped: <reason>`. A variable that names no file is a broken
+/// setup, not a reason to skip: that panics, so CI cannot skip silently.
+pub fn smollm2_gguf(test: &str) -> Option<PathBuf> {
+    let path = match std::env::var_os("TLI_SMOLLM2_GGUF") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        // Where scripts/fetch-smollm2 caches it by default.
+        _ if default_smollm2().is_some_and(|p| p.is_file()) => default_smollm2()?,
+        _ => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "{test}: skipped: TLI_SMOLLM2_GGUF is not set and the model is not in \
+                 the default cache (scripts/fetch-smollm2 fetches it)"
+            );
+            return None;
+        }
+    };
+    assert!(
+        path.is_file(),
+        "{test}: TLI_SMOLLM2_GGUF={} is not a file; rerun scripts/fetch-smollm2 \
+         or unset the variable to skip",
+        path.display()
+    );
+    Some(path)
+}
+
+/// The file scripts/fetch-smollm2 writes when `TLI_SMOLLM2_DIR` is unset.
+fn default_smollm2() -> Option<PathBuf> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(cache.join("tli-kernels/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
 }

@@ -1,5 +1,17 @@
-//! Checkpoint file I/O: memory-mapped safetensors input and atomic
-//! safetensors output.
+//! File I/O for everything the crate reads and writes: inputs opened only
+//! once known to be regular files and read within a size limit,
+//! memory-mapped safetensors input, and atomic output that writes through
+//! links and never replaces a special file.
+//!
+//! * [`open_input`] and [`read_input`] refuse FIFOs, devices, sockets and
+//!   directories *before* reading (a FIFO is opened without blocking, so one
+//!   with no writer is an error, not a hang), and [`read_input`] refuses a
+//!   file larger than its limit before allocating
+//!   ([`max_text_bytes`], `TLI_MAX_TEXT_BYTES`).
+//! * [`output_target`] is where an output path leads: the path itself, or
+//!   the file a symbolic link (chain) names; a directory, FIFO, device or
+//!   socket is refused. [`refuse_input_as_output`] refuses an output that is
+//!   one of the run's inputs.
 //!
 //! * [`MappedFile`] maps an input file instead of reading it, so a
 //!   multi-gigabyte checkpoint costs address space, not memory, and parses it
@@ -25,6 +37,217 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::{Error, Result};
 
+/// The default largest text input (JSON configs, tokenizers, word-pair
+/// files, trainer state): 256 MiB, about ten times the largest
+/// `tokenizer.json` of a public model.
+pub const DEFAULT_MAX_TEXT_BYTES: u64 = 256 << 20;
+
+/// The largest text input read whole: `TLI_MAX_TEXT_BYTES` (bytes) when it is
+/// set to a number, else [`DEFAULT_MAX_TEXT_BYTES`].
+pub fn max_text_bytes() -> u64 {
+    std::env::var("TLI_MAX_TEXT_BYTES")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(DEFAULT_MAX_TEXT_BYTES)
+}
+
+/// What kind of non-regular file `t` is, for messages.
+fn kind_of(t: &std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "a FIFO";
+        }
+        if t.is_char_device() {
+            return "a character device";
+        }
+        if t.is_block_device() {
+            return "a block device";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+    }
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_file() {
+        "a regular file"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Open `path` for reading, only if it is (or links to) a regular file.
+///
+/// On Unix the file is opened with `O_NONBLOCK`, so a FIFO without a writer
+/// does not block the open, and then checked with `fstat` on the open
+/// descriptor (no window for the path to change between check and use).
+///
+/// # Errors
+/// [`Error::Io`] naming the file if it cannot be opened;
+/// [`Error::Format`] naming it and what it is (a FIFO, a character device,
+/// a directory, ...) if it is not a regular file.
+pub fn open_input(path: &Path) -> Result<File> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = opts.open(path).map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::format(
+            path,
+            format!(
+                "{}; inputs must be regular files",
+                kind_of(&meta.file_type())
+            ),
+        ));
+    }
+    Ok(file)
+}
+
+/// Read the whole of the regular file `path`, refusing one of more than
+/// `limit` bytes before allocating for it.
+///
+/// # Errors
+/// As [`open_input`]; [`Error::Format`] naming the file, its size and the
+/// limit (and `TLI_MAX_TEXT_BYTES`) if it is too large.
+pub fn read_input(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let file = open_input(path)?;
+    let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let too_large = |size: u64| {
+        Error::format(
+            path,
+            format!(
+                "{size} bytes is more than the {limit}-byte limit for this input \
+                 (set TLI_MAX_TEXT_BYTES to raise it)"
+            ),
+        )
+    };
+    if size > limit {
+        return Err(too_large(size));
+    }
+    // The file may grow while it is read: read at most one byte past the
+    // limit, so growth is an error rather than an allocation.
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
+/// [`read_input`] within [`max_text_bytes`], as UTF-8 text.
+///
+/// # Errors
+/// As [`read_input`]; [`Error::Format`] naming the file and the byte offset
+/// if it is not UTF-8.
+pub fn read_text(path: &Path) -> Result<String> {
+    let bytes = read_input(path, max_text_bytes())?;
+    String::from_utf8(bytes).map_err(|e| {
+        Error::format(
+            path,
+            format!("not UTF-8 text (at byte {})", e.utf8_error().valid_up_to()),
+        )
+    })
+}
+
+/// How many symbolic links [`output_target`] follows before giving up (the
+/// limit Linux's path resolution has).
+const MAX_LINK_HOPS: usize = 40;
+
+/// Where an output written to `path` goes: `path` itself when it is a
+/// regular file or does not exist yet; when it is a symbolic link, the file
+/// at the end of the link chain (which may not exist yet), so that writing
+/// replaces the link's target and keeps the link.
+///
+/// # Errors
+/// [`Error::Format`] naming the path and what it is when it (or the link's
+/// target) is a directory, FIFO, device or socket, or when the links loop;
+/// [`Error::Io`] when it cannot be inspected.
+pub fn output_target(path: &Path) -> Result<PathBuf> {
+    let mut p = path.to_path_buf();
+    for _ in 0..MAX_LINK_HOPS {
+        match std::fs::symlink_metadata(&p) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(p),
+            Err(e) => return Err(Error::io(&p, e)),
+            Ok(m) if m.file_type().is_symlink() => {
+                let to = std::fs::read_link(&p).map_err(|e| Error::io(&p, e))?;
+                p = match p.parent() {
+                    Some(dir) if to.is_relative() => dir.join(to),
+                    _ => to,
+                };
+            }
+            Ok(m) if m.is_file() => return Ok(p),
+            Ok(m) => {
+                let via = if p == path {
+                    String::new()
+                } else {
+                    format!(" (the target of {})", path.display())
+                };
+                return Err(Error::format(
+                    &p,
+                    format!(
+                        "{}{via}; outputs are written to regular files only, \
+                         never over a directory or a special file",
+                        kind_of(&m.file_type())
+                    ),
+                ));
+            }
+        }
+    }
+    Err(Error::format(
+        path,
+        format!("more than {MAX_LINK_HOPS} symbolic links (a loop?)"),
+    ))
+}
+
+/// Whether `a` and `b` name the same existing file (after links).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        #[cfg(unix)]
+        (Ok(x), Ok(y)) => {
+            use std::os::unix::fs::MetadataExt;
+            x.dev() == y.dev() && x.ino() == y.ino()
+        }
+        #[cfg(not(unix))]
+        (Ok(_), Ok(_)) => match (a.canonicalize(), b.canonicalize()) {
+            (Ok(x), Ok(y)) => x == y,
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// Refuse to write `output` when it is the same file as one of `inputs`
+/// (a run would otherwise replace what it reads, losing it).
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming both paths.
+pub fn refuse_input_as_output(output: &Path, inputs: &[&Path]) -> Result<()> {
+    match inputs.iter().find(|i| same_file(output, i)) {
+        Some(i) => Err(Error::invalid(
+            "output",
+            format!(
+                "{} is the same file as the input {}: refusing to replace an input \
+                 (choose another output path)",
+                output.display(),
+                i.display()
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// The largest header the `safetensors` reader accepts (its own limit).
 const MAX_HEADER_BYTES: usize = 100_000_000;
 
@@ -44,14 +267,11 @@ impl MappedFile {
     ///
     /// # Errors
     /// [`Error::Io`] naming the file if it cannot be opened or mapped;
-    /// [`Error::Format`] if it is not a regular file (a directory, say).
+    /// [`Error::Format`] if it is not a regular file (a directory, a FIFO;
+    /// see [`open_input`]).
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
-        if !meta.is_file() {
-            return Err(Error::format(path, "not a regular file"));
-        }
+        let file = open_input(path)?;
         // SAFETY: the map is read-only and private to this process. Its
         // contents can change only if another process rewrites the file in
         // place while we hold the map; that is outside any Rust guarantee for
@@ -108,6 +328,9 @@ impl MappedFile {
 
 /// Write `path` atomically: `write` fills a temporary file in the same
 /// directory, which is flushed, synced to disk and then renamed onto `path`.
+/// A symbolic link is written through: the file it names is replaced and the
+/// link is kept ([`output_target`]); a directory, FIFO, device or socket is
+/// refused before anything is written.
 ///
 /// If `write` fails, or anything after it does, the temporary file is
 /// removed and `path` is left as it was (absent, or its previous contents).
@@ -115,12 +338,14 @@ impl MappedFile {
 /// (`0o666` less the umask on Unix).
 ///
 /// # Errors
-/// Whatever `write` returns; [`Error::Io`] naming the file or directory for
-/// failures to create, write, sync or rename.
+/// As [`output_target`]; whatever `write` returns; [`Error::Io`] naming the
+/// file or directory for failures to create, write, sync or rename.
 pub fn write_atomic<F>(path: &Path, write: F) -> Result<()>
 where
     F: FnOnce(&mut dyn Write) -> Result<()>,
 {
+    let target = output_target(path)?;
+    let path = target.as_path();
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

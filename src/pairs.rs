@@ -152,11 +152,13 @@ pub fn parse_pairs(text: &str, source: &str) -> Result<Vec<Pair>> {
 ///
 /// # Errors
 ///
-/// [`Error::Io`] naming the file if it cannot be read; [`Error::Pairs`]
+/// [`Error::Io`] naming the file if it cannot be read; [`Error::Format`] if
+/// it is not a regular file or is larger than
+/// [`max_text_bytes`](crate::io::max_text_bytes); [`Error::Pairs`]
 /// naming the file and the line if the file is not valid UTF-8 (with the
 /// byte offset) or a line is malformed or repeated (see [`parse_pairs`]).
 pub fn read_pairs(path: &Path) -> Result<Vec<Pair>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::io::read_input(path, crate::io::max_text_bytes())?;
     let source = path.display().to_string();
     match std::str::from_utf8(&bytes) {
         Ok(text) => parse_pairs(text, &source),

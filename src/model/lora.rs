@@ -158,7 +158,7 @@ impl LoraConfig {
     /// not implemented here.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::io::read_text(path)?;
         let v: Value = serde_json::from_str(&text)
             .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
         let Value::Object(o) = v else {

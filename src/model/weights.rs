@@ -70,7 +70,7 @@ impl Checkpoint {
         let dir = dir.as_ref();
         let index = dir.join(INDEX_FILE);
         if index.is_file() {
-            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let text = crate::io::read_text(&index)?;
             let json: Value = serde_json::from_str(&text)
                 .map_err(|e| Error::format(&index, format!("not valid JSON: {e}")))?;
             let Some(Value::Object(map)) = json.get("weight_map") else {

@@ -775,6 +775,7 @@ pub fn dequantize_file_with_progress(
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<FileReport> {
     device.check_available()?;
+    crate::io::refuse_input_as_output(output, &[input])?;
     let file = MappedFile::open(input)?;
     let st = file.safetensors()?;
     let metadata = file.safetensors_metadata()?;
@@ -950,6 +951,7 @@ pub fn quantize_file_with_progress(
 ) -> Result<FileReport> {
     const OP: &str = "nf4 quantize";
     check_blocksize(OP, opts.blocksize)?;
+    crate::io::refuse_input_as_output(output, &[input])?;
     let file = MappedFile::open(input)?;
     let st = file.safetensors()?;
     let metadata = file.safetensors_metadata()?;

@@ -226,7 +226,9 @@ impl AdamW {
     /// that is not a positive i64, one moment without the other, or a
     /// tensor that names no parameter of this optimizer.
     pub fn load(&mut self, path: &Path) -> Result<()> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        // Two f32 moments per parameter and a step count: far below the
+        // text limit for any adapter this crate trains.
+        let bytes = crate::io::read_input(path, crate::io::max_text_bytes())?;
         let ckpt = Checkpoint::from_bytes(path, bytes);
         let t = ckpt.tensors()?;
         let mut state = vec![None; self.params.len()];

@@ -523,3 +523,55 @@ fn unknown_keys_are_accepted_and_named_sorted() {
         plain
     );
 }
+
+/// Values of every JSON kind, nested a little.
+fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+    use proptest::prelude::*;
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        (-3i64..200_000).prop_map(Value::from),
+        (-2.0f64..2.0e6).prop_map(Value::from),
+        "[a-z_0-9]{0,10}".prop_map(Value::from),
+    ];
+    leaf.prop_recursive(2, 12, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+            proptest::collection::btree_map(
+                prop_oneof![
+                    Just("rope_type".to_string()),
+                    Just("rope_theta".to_string()),
+                    Just("factor".to_string()),
+                    "[a-z_]{1,8}"
+                ],
+                inner,
+                0..4
+            )
+            .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 512, ..Default::default() })]
+
+    /// Setting any key (read, refused, neutral or unknown) of a real
+    /// transformers 5 file to any value never panics, and an accepted
+    /// config names only keys it neither read nor checked.
+    #[test]
+    fn config_with_any_value_never_panics(
+        key in proptest::sample::select(vec![
+            "rope_parameters", "rope_scaling", "rope_theta", "dtype", "torch_dtype",
+            "model_type", "sliding_window", "use_sliding_window", "layer_types",
+            "partial_rotary_factor", "head_dim", "hidden_size", "eos_token_id",
+            "quantization_config", "unk_token_id", "max_position_embeddings",
+        ]),
+        value in any_json(),
+    ) {
+        let v = with(&smollm2_135m_transformers5(), key, value);
+        if let Ok(c) = parse_value(&v) {
+            let extra: Vec<&str> = c.ignored_keys.iter().map(String::as_str).collect();
+            proptest::prop_assert!(extra == ["unk_token_id"], "{extra:?}");
+        }
+    }
+}

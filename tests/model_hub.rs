@@ -250,3 +250,23 @@ fn cache_location_follows_huggingface_hub_precedence() {
         Some(PathBuf::from("/users/u/.cache/huggingface/hub"))
     );
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 512, ..Default::default() })]
+
+    /// Any string: no panic, and an accepted id's cache paths (repo folder,
+    /// refs file) never leave the cache root.
+    #[test]
+    fn hub_spec_parsing_never_panics_or_escapes(spec in "[a-zA-Z0-9./@_~\\\\ -]{0,40}") {
+        if let Some((repo, rev)) = parse_hub_id(&spec) {
+            let folder = format!("models--{}", repo.replace('/', "--"));
+            let refs = Path::new(&folder).join("refs").join(rev.unwrap_or("main"));
+            proptest::prop_assert!(
+                refs.components().all(|c| matches!(c, std::path::Component::Normal(_))),
+                "{spec:?} -> {}", refs.display()
+            );
+        }
+        let cache = tempfile::tempdir().unwrap();
+        let _ = resolve_model_path_in(Path::new(&spec), Some(cache.path()));
+    }
+}

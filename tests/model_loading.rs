@@ -130,7 +130,7 @@ fn bad_configs_are_clear_errors() {
         "rope_type is \"yarn\"",
         "rope_scaling.factor is missing",
         "model_type is \"mistral\"",
-        "unknown setting \"sliding_window\"",
+        "sliding_window is 4096",
         "torch_dtype is \"int8\"",
         "hidden_size is -4",
     ];

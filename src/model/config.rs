@@ -1,14 +1,23 @@
-//! `config.json` of Llama-family checkpoints.
+//! `config.json` of Llama-family checkpoints, accepted as transformers
+//! accepts them.
 //!
 //! Both spellings transformers has used are read: `rope_theta` +
 //! `rope_scaling` + `torch_dtype` (transformers 4) and `rope_parameters` +
-//! `dtype` (transformers 5). Every key either changes what [`LlamaConfig`]
-//! holds, is checked to have the one value this crate implements
-//! (`hidden_act: "silu"`, `partial_rotary_factor: 1`, ...), or is on a short
-//! list of keys that do not affect hidden states (`use_cache`,
-//! `initializer_range`, token ids, ...). Anything else is an error naming the
-//! key, so a model this crate does not implement is never run with a silent
-//! default.
+//! `dtype` (transformers 5); files that carry both (transformers 5 writes
+//! such) are accepted when the two agree and refused, naming both values,
+//! when they do not.
+//!
+//! Every key is one of four kinds:
+//! * read into [`LlamaConfig`] (`hidden_size`, `rope_theta`, ...);
+//! * a setting that changes the Llama math in a way this crate does not
+//!   implement: [`UNSUPPORTED`], the one list of them, each with its reason.
+//!   Such a key is accepted only with the value that keeps plain Llama
+//!   (`sliding_window: null`, `partial_rotary_factor: 1`, ...) and refused,
+//!   naming the key and the value, otherwise;
+//! * a key known not to change hidden states ([`NEUTRAL_KEYS`], and keys
+//!   starting with `_`), accepted silently;
+//! * anything else: accepted and named in [`LlamaConfig::ignored_keys`], so
+//!   that a caller can say which keys were not read.
 
 use std::path::Path;
 
@@ -16,14 +25,173 @@ use serde_json::{Map, Value};
 
 use crate::{DType, Error, Result};
 
-/// Keys that do not change hidden states and are accepted with any value.
-/// (Keys starting with `_`, such as `_name_or_path`, are accepted too.)
-const IGNORED_KEYS: &[&str] = &[
+/// `model_type` values accepted, with why: those whose architecture, under
+/// the checks of [`UNSUPPORTED`], is exactly Llama's (same modules, weight
+/// names and math). A missing `model_type` is accepted too.
+pub const MODEL_TYPES: &[(&str, &str)] = &[
+    ("llama", "the architecture this crate implements"),
+    (
+        "mistral",
+        "Mistral's modules, weight names and math are Llama's except for the sliding attention \
+         window, which Mistral applies unless its config says `\"sliding_window\": null` (its \
+         default is a 4096-token window), so a mistral config is accepted only with that key \
+         present and null",
+    ),
+];
+
+/// A config key whose non-default values change the Llama math in a way
+/// this crate does not implement.
+#[derive(Debug)]
+pub struct Unsupported {
+    /// The key.
+    pub key: &'static str,
+    /// The values accepted (those that keep plain Llama), as shown in errors.
+    pub accepted: &'static str,
+    /// Why other values are refused.
+    pub why: &'static str,
+    /// Whether a present, non-null value is one of the accepted ones; gets
+    /// the whole config for keys that depend on another one.
+    pub accepts: fn(&Value, &Map<String, Value>) -> bool,
+}
+
+fn is_str(v: &Value, want: &str) -> bool {
+    v.as_str() == Some(want)
+}
+
+fn is_num(v: &Value, want: f64) -> bool {
+    v.as_f64() == Some(want)
+}
+
+/// The one list of refused settings. A key that is absent or `null` keeps
+/// transformers' default, which for all of these is plain Llama (except
+/// `sliding_window` under `model_type: "mistral"`, see [`MODEL_TYPES`]).
+/// Rotary embedding types are checked where `rope_parameters` /
+/// `rope_scaling` are read ([`ROPE_TYPES`]), and quantization methods where
+/// `quantization_config` is.
+pub const UNSUPPORTED: &[Unsupported] = &[
+    Unsupported {
+        key: "hidden_act",
+        accepted: "\"silu\"",
+        why: "Llama's MLP is SwiGLU, a SiLU-gated product; other activations are not implemented",
+        accepts: |v, _| is_str(v, "silu"),
+    },
+    Unsupported {
+        key: "hidden_activation",
+        accepted: "\"silu\"",
+        why: "Gemma's spelling of the MLP activation; only SiLU (SwiGLU) is implemented",
+        accepts: |v, _| is_str(v, "silu"),
+    },
+    Unsupported {
+        key: "partial_rotary_factor",
+        accepted: "1",
+        why: "rotary embeddings over only part of each head (Phi, StableLM) are not implemented",
+        accepts: |v, _| is_num(v, 1.0),
+    },
+    Unsupported {
+        key: "sliding_window",
+        accepted: "null (or any value with use_sliding_window false)",
+        why: "attention limited to a window of recent tokens (Mistral v0.1, Qwen2) is not implemented",
+        accepts: |_, cfg| cfg.get("use_sliding_window") == Some(&Value::Bool(false)),
+    },
+    Unsupported {
+        key: "use_sliding_window",
+        accepted: "false",
+        why: "attention limited to a window of recent tokens is not implemented",
+        accepts: |v, _| v == &Value::Bool(false),
+    },
+    Unsupported {
+        key: "layer_types",
+        accepted: "a list of \"full_attention\"",
+        why: "per-layer sliding or chunked attention is not implemented",
+        accepts: |v, _| {
+            v.as_array()
+                .is_some_and(|a| a.iter().all(|t| is_str(t, "full_attention")))
+        },
+    },
+    Unsupported {
+        key: "attn_logit_softcapping",
+        accepted: "null",
+        why: "tanh soft-capping of attention scores (Gemma 2) is not implemented",
+        accepts: |_, _| false,
+    },
+    Unsupported {
+        key: "final_logit_softcapping",
+        accepted: "null",
+        why: "tanh soft-capping of the output logits (Gemma 2) is not implemented",
+        accepts: |_, _| false,
+    },
+    Unsupported {
+        key: "qk_norm",
+        accepted: "false",
+        why: "RMSNorm on queries and keys (OLMo 2, Qwen 3, Llama 4) is not implemented",
+        accepts: |v, _| v == &Value::Bool(false),
+    },
+    Unsupported {
+        key: "use_qk_norm",
+        accepted: "false",
+        why: "RMSNorm on queries and keys (Llama 4) is not implemented",
+        accepts: |v, _| v == &Value::Bool(false),
+    },
+    Unsupported {
+        key: "qk_layernorm",
+        accepted: "false",
+        why: "LayerNorm on queries and keys (Persimmon, StableLM) is not implemented",
+        accepts: |v, _| v == &Value::Bool(false),
+    },
+    Unsupported {
+        key: "attention_dropout",
+        accepted: "0",
+        why: "dropout on attention probabilities during training is not implemented",
+        accepts: |v, _| is_num(v, 0.0),
+    },
+    Unsupported {
+        key: "num_local_experts",
+        accepted: "1",
+        why: "mixture-of-experts MLPs (Mixtral) are not implemented",
+        accepts: |v, _| is_num(v, 1.0),
+    },
+    Unsupported {
+        key: "num_experts",
+        accepted: "1",
+        why: "mixture-of-experts MLPs are not implemented",
+        accepts: |v, _| is_num(v, 1.0),
+    },
+    Unsupported {
+        key: "embedding_multiplier",
+        accepted: "1",
+        why: "scaled token embeddings (Granite) are not implemented",
+        accepts: |v, _| is_num(v, 1.0),
+    },
+    Unsupported {
+        key: "residual_multiplier",
+        accepted: "1",
+        why: "scaled residual branches (Granite) are not implemented",
+        accepts: |v, _| is_num(v, 1.0),
+    },
+    Unsupported {
+        key: "attention_multiplier",
+        accepted: "null",
+        why: "an attention scale other than head_dim^-1/2 (Granite) is not implemented",
+        accepts: |_, _| false,
+    },
+];
+
+/// Rotary embedding types implemented (`rope_type`, or `type` in older
+/// files): the original RoPE and Llama 3.1's frequency smoothing. Others
+/// (`linear`, `dynamic`, `yarn`, `longrope`, ...) compute other frequencies
+/// or scale attention and are refused.
+pub const ROPE_TYPES: &[&str] = &["default", "llama3"];
+
+/// Keys that do not change hidden states, accepted with any value and not
+/// reported. (Keys starting with `_`, such as `_name_or_path`, are too.)
+pub const NEUTRAL_KEYS: &[&str] = &[
     "architectures",
     "transformers_version",
     "use_cache",
     "initializer_range",
     "max_position_embeddings",
+    // transformers 4 splits the projections into this many slices when
+    // > 1: the same sums in another order.
     "pretraining_tp",
     "output_attentions",
     "output_hidden_states",
@@ -105,6 +273,10 @@ pub struct LlamaConfig {
     pub pad_token_id: Option<u32>,
     /// bitsandbytes 4-bit quantization, when the checkpoint is stored so.
     pub quantization: Option<Bnb4bitConfig>,
+    /// Keys of the file this crate neither reads, checks nor knows to be
+    /// irrelevant, sorted: accepted and not used.
+    /// Empty for configs not read from a file.
+    pub ignored_keys: Vec<String>,
 }
 
 /// Reads one config file, naming it and the key in every error.
@@ -241,32 +413,7 @@ impl LlamaConfig {
             prefix: "",
         };
 
-        if let Some(mt) = r.str("model_type")?
-            && mt != "llama"
-        {
-            return Err(r.err(format!(
-                "model_type is {mt:?}; only \"llama\" models are supported"
-            )));
-        }
-        if let Some(act) = r.str("hidden_act")?
-            && act != "silu"
-        {
-            return Err(r.err(format!(
-                "hidden_act is {act:?}; only \"silu\" (SwiGLU) is supported"
-            )));
-        }
-        if let Some(p) = r.f64("partial_rotary_factor")?
-            && p != 1.0
-        {
-            return Err(r.err(format!(
-                "partial_rotary_factor is {p}; only 1.0 (rotary over the whole head) is supported"
-            )));
-        }
-        if let Some(p) = r.f64("attention_dropout")?
-            && p != 0.0
-        {
-            return Err(r.err(format!("attention_dropout is {p}; only 0.0 is supported")));
-        }
+        check_architecture(&r)?;
 
         let hidden_size = r.req_usize("hidden_size")?;
         let intermediate_size = r.req_usize("intermediate_size")?;
@@ -310,7 +457,8 @@ impl LlamaConfig {
         let torch_dtype = match (r.dtype("dtype")?, r.dtype("torch_dtype")?) {
             (Some(a), Some(b)) if a != b => {
                 return Err(r.err(format!(
-                    "dtype is {a} but torch_dtype is {b}; they must agree"
+                    "dtype is {} but torch_dtype is {}; they must agree",
+                    obj["dtype"], obj["torch_dtype"]
                 )));
             }
             (a, b) => a.or(b),
@@ -341,11 +489,8 @@ impl LlamaConfig {
             }
         };
 
-        let known = [
+        let read = [
             "model_type",
-            "hidden_act",
-            "partial_rotary_factor",
-            "attention_dropout",
             "hidden_size",
             "intermediate_size",
             "num_hidden_layers",
@@ -368,18 +513,17 @@ impl LlamaConfig {
             "quantization_config",
             "original_max_position_embeddings",
         ];
-        for key in obj.keys() {
-            if !key.starts_with('_')
-                && !known.contains(&key.as_str())
-                && !IGNORED_KEYS.contains(&key.as_str())
-            {
-                return Err(r.err(format!(
-                    "unknown setting {key:?} = {}; this crate implements the Llama architecture \
-                     and does not know whether {key:?} changes it",
-                    obj[key]
-                )));
-            }
-        }
+        let mut ignored_keys: Vec<String> = obj
+            .keys()
+            .filter(|k| {
+                !k.starts_with('_')
+                    && !read.contains(&k.as_str())
+                    && !NEUTRAL_KEYS.contains(&k.as_str())
+                    && !UNSUPPORTED.iter().any(|u| u.key == k.as_str())
+            })
+            .cloned()
+            .collect();
+        ignored_keys.sort();
 
         Ok(Self {
             hidden_size,
@@ -400,6 +544,7 @@ impl LlamaConfig {
             eos_token_ids,
             pad_token_id: r.token_id("pad_token_id")?,
             quantization,
+            ignored_keys,
         })
     }
 
@@ -490,110 +635,199 @@ impl LlamaConfig {
     }
 }
 
-/// `rope_theta` and the scaling, from `rope_parameters` (transformers 5) or
-/// `rope_theta` + `rope_scaling` (transformers 4).
-fn rope(r: &Reader<'_>) -> Result<(f64, RopeScaling)> {
-    let params = match (r.get("rope_parameters"), r.get("rope_scaling")) {
-        (Some(_), Some(_)) => {
-            return Err(r.err(
-                "both rope_parameters and rope_scaling are given; expected one (transformers 5 writes rope_parameters, 4 writes rope_scaling)",
-            ));
-        }
-        (Some(p), None) => Some(("rope_parameters", p)),
-        (None, Some(p)) => Some(("rope_scaling", p)),
-        (None, None) => None,
-    };
-    let mut theta = r.f64("rope_theta")?;
-    let mut scaling = RopeScaling::Default;
-    if let Some((name, p)) = params {
-        let Value::Object(p) = p else {
-            return Err(r.err(format!("{name} is {p}, expected an object")));
-        };
-        let prefix: &'static str = if name == "rope_parameters" {
-            "rope_parameters."
-        } else {
-            "rope_scaling."
-        };
-        let pr = Reader {
-            path: r.path,
-            obj: p,
-            prefix,
-        };
-        if let Some(t) = pr.f64("rope_theta")? {
-            if theta.is_some_and(|outer| outer != t) {
-                return Err(r.err(format!(
-                    "rope_theta {} disagrees with {prefix}rope_theta {t}",
-                    theta.unwrap_or_default()
-                )));
-            }
-            theta = Some(t);
-        }
-        if let Some(f) = pr.f64("partial_rotary_factor")?
-            && f != 1.0
-        {
+/// `model_type` against [`MODEL_TYPES`] and every key of [`UNSUPPORTED`].
+fn check_architecture(r: &Reader<'_>) -> Result<()> {
+    if let Some(mt) = r.str("model_type")? {
+        if !MODEL_TYPES.iter().any(|(t, _)| *t == mt) {
+            let names: Vec<String> = MODEL_TYPES.iter().map(|(t, _)| format!("{t:?}")).collect();
             return Err(r.err(format!(
-                "{prefix}partial_rotary_factor is {f}; only 1.0 is supported"
+                "model_type is {mt:?}; supported: {} (the architectures that are exactly Llama's)",
+                names.join(", ")
             )));
         }
-        let ty = match (pr.str("rope_type")?, pr.str("type")?) {
-            (Some(a), _) => a,
-            (None, Some(b)) => b,
-            (None, None) => "default",
-        };
-        let allowed: &[&str] = match ty {
-            "default" => &["rope_type", "type", "rope_theta", "partial_rotary_factor"],
-            "llama3" => {
-                let orig = pr.f64("original_max_position_embeddings")?.or(r
-                    .f64("original_max_position_embeddings")?)
-                    .or(r.f64("max_position_embeddings")?)
-                    .ok_or_else(|| {
-                        r.err(format!(
-                            "{prefix}original_max_position_embeddings is missing (and so is max_position_embeddings)"
-                        ))
-                    })?;
-                let factor = pr.req_f64("factor")?;
-                let low = pr.req_f64("low_freq_factor")?;
-                let high = pr.req_f64("high_freq_factor")?;
-                if !(factor > 0.0 && low > 0.0 && high > low && orig > 0.0) {
-                    return Err(r.err(format!(
-                        "llama3 rope scaling needs factor > 0, 0 < low_freq_factor < high_freq_factor \
-                         and original_max_position_embeddings > 0; got factor {factor}, \
-                         low_freq_factor {low}, high_freq_factor {high}, original_max_position_embeddings {orig}"
-                    )));
-                }
-                scaling = RopeScaling::Llama3 {
-                    factor,
-                    low_freq_factor: low,
-                    high_freq_factor: high,
-                    original_max_position_embeddings: orig,
-                };
-                &[
-                    "rope_type",
-                    "type",
-                    "rope_theta",
-                    "partial_rotary_factor",
-                    "factor",
-                    "low_freq_factor",
-                    "high_freq_factor",
-                    "original_max_position_embeddings",
-                ]
-            }
-            other => {
-                return Err(r.err(format!(
-                    "{prefix}rope_type is {other:?}; supported: \"default\", \"llama3\""
-                )));
-            }
-        };
-        if let Some(k) = p.keys().find(|k| !allowed.contains(&k.as_str())) {
+        if mt == "mistral" && r.obj.get("sliding_window") != Some(&Value::Null) {
             return Err(r.err(format!(
-                "{prefix}{k} = {} is not a setting of rope type {ty:?}",
-                p[k]
+                "model_type is \"mistral\" and sliding_window is {}; Mistral applies a sliding \
+                 attention window unless sliding_window is null (its default is 4096), and \
+                 sliding-window attention is not implemented",
+                r.obj
+                    .get("sliding_window")
+                    .map_or_else(|| "not given".to_string(), Value::to_string)
             )));
         }
     }
-    let theta = theta.unwrap_or(10_000.0);
+    for u in UNSUPPORTED {
+        if let Some(v) = r.get(u.key)
+            && !(u.accepts)(v, r.obj)
+        {
+            return Err(r.err(format!(
+                "{} is {v}, and only {} is supported: {}",
+                u.key, u.accepted, u.why
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `rope_theta` and the scaling, from `rope_parameters` (transformers 5)
+/// and/or `rope_theta` + `rope_scaling` (transformers 4). When several are
+/// given they must agree, compared as numbers.
+fn rope(r: &Reader<'_>) -> Result<(f64, RopeScaling)> {
+    let mut thetas: Vec<(&'static str, f64)> = Vec::new();
+    if let Some(t) = r.f64("rope_theta")? {
+        thetas.push(("rope_theta", t));
+    }
+    let mut scalings: Vec<(&'static str, RopeScaling)> = Vec::new();
+    for (name, inner) in [
+        ("rope_parameters", "rope_parameters.rope_theta"),
+        ("rope_scaling", "rope_scaling.rope_theta"),
+    ] {
+        if let Some(p) = r.get(name) {
+            let (t, scaling) = rope_dict(r, name, p)?;
+            if let Some(t) = t {
+                thetas.push((inner, t));
+            }
+            scalings.push((name, scaling));
+        }
+    }
+    for (i, (n1, t1)) in thetas.iter().enumerate() {
+        if let Some((n2, t2)) = thetas[i + 1..].iter().find(|(_, t2)| t2 != t1) {
+            return Err(r.err(format!("{n1} is {t1} but {n2} is {t2}; they must agree")));
+        }
+    }
+    let scaling = match scalings.as_slice() {
+        [] => RopeScaling::Default,
+        [(_, s)] => *s,
+        [(n1, s1), (n2, s2), ..] => {
+            let (f1, f2) = (rope_fields(s1), rope_fields(s2));
+            if let Some(((field, v1), (_, v2))) = f1.iter().zip(&f2).find(|(a, b)| a != b) {
+                return Err(r.err(format!(
+                    "{n1}.{field} is {v1} but {n2}.{field} is {v2}; they must agree"
+                )));
+            }
+            if f1 != f2 {
+                return Err(r.err(format!(
+                    "{n1} is {} but {n2} is {}; they must agree",
+                    r.obj[*n1], r.obj[*n2]
+                )));
+            }
+            *s1
+        }
+    };
+    let theta = thetas.first().map_or(10_000.0, |(_, t)| *t);
     if theta <= 0.0 {
         return Err(r.err(format!("rope_theta is {theta}, expected > 0")));
+    }
+    Ok((theta, scaling))
+}
+
+/// The settings of a rope scaling as (name, value) pairs, for comparing two
+/// spellings field by field.
+fn rope_fields(s: &RopeScaling) -> Vec<(&'static str, String)> {
+    match *s {
+        RopeScaling::Default => vec![("rope_type", "\"default\"".into())],
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => vec![
+            ("rope_type", "\"llama3\"".into()),
+            ("factor", factor.to_string()),
+            ("low_freq_factor", low_freq_factor.to_string()),
+            ("high_freq_factor", high_freq_factor.to_string()),
+            (
+                "original_max_position_embeddings",
+                original_max_position_embeddings.to_string(),
+            ),
+        ],
+    }
+}
+
+/// One of `rope_parameters` / `rope_scaling`: its own `rope_theta`, when it
+/// has one, and the scaling it describes.
+fn rope_dict(r: &Reader<'_>, name: &'static str, p: &Value) -> Result<(Option<f64>, RopeScaling)> {
+    let Value::Object(p) = p else {
+        return Err(r.err(format!("{name} is {p}, expected an object")));
+    };
+    let prefix: &'static str = if name == "rope_parameters" {
+        "rope_parameters."
+    } else {
+        "rope_scaling."
+    };
+    let pr = Reader {
+        path: r.path,
+        obj: p,
+        prefix,
+    };
+    let theta = pr.f64("rope_theta")?;
+    if let Some(f) = pr.f64("partial_rotary_factor")?
+        && f != 1.0
+    {
+        return Err(r.err(format!(
+            "{prefix}partial_rotary_factor is {f}; only 1 is supported: rotary embeddings over \
+             only part of each head are not implemented"
+        )));
+    }
+    let ty = match (pr.str("rope_type")?, pr.str("type")?) {
+        (Some(a), _) => a,
+        (None, Some(b)) => b,
+        (None, None) => "default",
+    };
+    let mut scaling = RopeScaling::Default;
+    let allowed: &[&str] = match ty {
+        "default" => &["rope_type", "type", "rope_theta", "partial_rotary_factor"],
+        "llama3" => {
+            let orig = pr
+                .f64("original_max_position_embeddings")?
+                .or(r.f64("original_max_position_embeddings")?)
+                .or(r.f64("max_position_embeddings")?)
+                .ok_or_else(|| {
+                    r.err(format!(
+                        "{prefix}original_max_position_embeddings is missing (and so is max_position_embeddings)"
+                    ))
+                })?;
+            let factor = pr.req_f64("factor")?;
+            let low = pr.req_f64("low_freq_factor")?;
+            let high = pr.req_f64("high_freq_factor")?;
+            if !(factor > 0.0 && low > 0.0 && high > low && orig > 0.0) {
+                return Err(r.err(format!(
+                    "llama3 rope scaling needs factor > 0, 0 < low_freq_factor < high_freq_factor \
+                     and original_max_position_embeddings > 0; got factor {factor}, \
+                     low_freq_factor {low}, high_freq_factor {high}, original_max_position_embeddings {orig}"
+                )));
+            }
+            scaling = RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: orig,
+            };
+            &[
+                "rope_type",
+                "type",
+                "rope_theta",
+                "partial_rotary_factor",
+                "factor",
+                "low_freq_factor",
+                "high_freq_factor",
+                "original_max_position_embeddings",
+            ]
+        }
+        other => {
+            let names: Vec<String> = ROPE_TYPES.iter().map(|t| format!("{t:?}")).collect();
+            return Err(r.err(format!(
+                "{prefix}rope_type is {other:?}; supported: {} (other types compute other \
+                 frequencies or scale attention, and are not implemented)",
+                names.join(", ")
+            )));
+        }
+    };
+    if let Some(k) = p.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(r.err(format!(
+            "{prefix}{k} = {} is not a setting of rope type {ty:?}",
+            p[k]
+        )));
     }
     Ok((theta, scaling))
 }

@@ -295,7 +295,7 @@ impl LoraConfig {
             Value::from(self.alpha)
         };
         o.insert("peft_type".into(), "LORA".into());
-        o.insert("task_type".into(), Value::Null);
+        o.insert("task_type".into(), "CAUSAL_LM".into());
         o.insert(
             "base_model_name_or_path".into(),
             self.base_model.clone().map_or(Value::Null, Value::from),

@@ -1,8 +1,11 @@
 //! A thin Llama that loads real checkpoints and returns every hidden state.
 //!
 //! * [`config`]: `config.json` (transformers 4 and 5 spellings, llama3 rope
-//!   scaling, bitsandbytes `quantization_config`); anything it does not
-//!   implement is an error.
+//!   scaling, bitsandbytes `quantization_config`); settings that change the
+//!   Llama math and are not implemented are errors, other unknown keys are
+//!   accepted and named.
+//! * [`hub`]: `--model org/name[@revision]` resolved in the local Hugging
+//!   Face cache ([`resolve_model_path`]), offline.
 //! * [`weights`]: memory-mapped `model.safetensors` or sharded checkpoints;
 //!   f32/bf16/f16 tensors and bitsandbytes NF4 weights.
 //! * [`projection`]: [`Projection`], the one linear layer of the model, the
@@ -11,6 +14,7 @@
 //! * [`rope`]: rotary embeddings as transformers computes them.
 
 pub mod config;
+pub mod hub;
 pub mod llama;
 pub mod lora;
 pub mod projection;
@@ -20,6 +24,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use config::{Bnb4bitConfig, LlamaConfig, RopeScaling};
+pub use hub::{ResolvedModel, resolve_model_path};
 pub use llama::{Block, ForwardOptions, Llama, LoadOptions, PROJECTION_NAMES};
 pub use lora::{LoraConfig, TargetModules};
 pub use projection::{LoraAdapter, Projection, ProjectionWeight};

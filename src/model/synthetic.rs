@@ -237,6 +237,7 @@ pub fn tiny_config(vocab_size: usize, bos: Option<u32>, eos: Option<u32>) -> Lla
         eos_token_ids: eos.into_iter().collect(),
         pad_token_id: None,
         quantization: None,
+        ignored_keys: Vec::new(),
     }
 }
 

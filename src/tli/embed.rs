@@ -311,17 +311,24 @@ impl Default for ModelOptions {
     }
 }
 
-/// Load the model and tokenizer in `dir`, with only the first `num_layers`
-/// blocks when given (enough for hidden states up to that index).
+/// Load the model and tokenizer in `dir` (a directory, or a hub id
+/// `org/name[@revision]` in the local Hugging Face cache, see
+/// [`crate::model::resolve_model_path`]), with only the first `num_layers`
+/// blocks when given (enough for hidden states up to that index). Config
+/// keys that were not used are in the model's
+/// [`LlamaConfig::ignored_keys`].
 ///
 /// # Errors
 /// [`Error::NoCudaDevice`] when CUDA is asked for and cannot be used; as
-/// [`Llama::load`] and [`LlamaTokenizer::from_dir`].
+/// [`crate::model::resolve_model_path`], [`Llama::load`] and
+/// [`LlamaTokenizer::from_dir`].
 pub fn load_model(
     dir: &Path,
     opts: &ModelOptions,
     num_layers: Option<usize>,
 ) -> Result<(Llama, LlamaTokenizer)> {
+    let resolved = crate::model::resolve_model_path(dir)?;
+    let dir = resolved.path.as_path();
     let device = candle_device(opts.cuda.then_some(0))?;
     let config = LlamaConfig::from_file(dir.join("config.json"))?;
     let tok = LlamaTokenizer::from_dir(dir, Some(&config))?;

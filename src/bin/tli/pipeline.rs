@@ -67,7 +67,8 @@ pub enum ComputeDtype {
 #[derive(Debug, Args)]
 pub struct ModelArgs {
     /// Model directory (`config.json`, `model.safetensors` or shards,
-    /// `tokenizer.json`).
+    /// `tokenizer.json`), or a hub id `org/name[@revision]` already in the
+    /// local Hugging Face cache (nothing is downloaded).
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
     /// Quantize the projections while loading.
@@ -348,6 +349,7 @@ pub fn scan_cmd(a: &ScanArgs) -> Result<()> {
     let loaded = load_model(&a.model.model, &a.model.options(), blocks);
     bar.finish_and_clear();
     let (mut model, tok) = loaded.with_context(|| format!("loading {}", a.model.describe()))?;
+    note_ignored_keys(&model);
     if let Some(dir) = &a.adapter {
         tli_kernels::model::lora::load_peft(&mut model, dir)
             .with_context(|| format!("loading the adapter {}", dir.display()))?;
@@ -406,7 +408,11 @@ pub fn scan_cmd(a: &ScanArgs) -> Result<()> {
 /// initial adapter's config over the defaults; a flag that contradicts the
 /// initial adapter is an error.
 fn train_lora(a: &TrainArgs) -> Result<LoraConfig> {
-    let base_model = Some(a.model.model.display().to_string());
+    let base_model = Some(
+        tli_kernels::model::resolve_model_path(&a.model.model)
+            .with_context(|| format!("--model {}", a.model.model.display()))?
+            .base_model_name(),
+    );
     let Some(init) = &a.init_adapter else {
         let d = LoraConfig::default();
         return Ok(LoraConfig {
@@ -453,6 +459,14 @@ fn train_lora(a: &TrainArgs) -> Result<LoraConfig> {
     })
 }
 
+/// Name, once on stderr, the config keys the model loader did not use.
+fn note_ignored_keys(model: &tli_kernels::model::Llama) {
+    let keys = &model.config.ignored_keys;
+    if !keys.is_empty() {
+        eprintln!("ignored config keys: {}", keys.join(", "));
+    }
+}
+
 /// Set a flag on Ctrl-C (a second Ctrl-C exits at once; every file is
 /// written atomically, so that loses at most the current step).
 fn stop_on_ctrl_c() -> Arc<AtomicBool> {
@@ -495,6 +509,7 @@ pub fn train_cmd(a: &TrainArgs) -> Result<()> {
     let loaded = load_model(&a.model.model, &a.model.options(), blocks);
     bar.finish_and_clear();
     let (mut model, tok) = loaded.with_context(|| format!("loading {}", a.model.describe()))?;
+    note_ignored_keys(&model);
     let load_s = t.elapsed().as_secs_f64();
     let log = a.log.clone().unwrap_or_else(|| dir.join("train_log.jsonl"));
     let total;
@@ -651,6 +666,7 @@ pub fn eval_cmd(a: &EvalArgs) -> Result<()> {
     let loaded = load_model(&a.model.model, &a.model.options(), blocks);
     bar.finish_and_clear();
     let (mut model, tok) = loaded.with_context(|| format!("loading {}", a.model.describe()))?;
+    note_ignored_keys(&model);
     let load_s = t.elapsed().as_secs_f64();
     let mut sets: Vec<(&str, &[Pair])> = vec![("trained", &trained)];
     if let Some(c) = &control {

@@ -539,11 +539,16 @@ fn bos_modes_in_scan_train_and_eval() {
         out.contains("BOS: --bos never: the tokenizer as is, which adds no BOS"),
         "{out}"
     );
+    let warning = out
+        .lines()
+        .find(|l| l.starts_with("warning: "))
+        .unwrap_or_else(|| panic!("no warning in\n{out}"));
     assert!(
-        out.contains("attention sink")
-            && out.contains("dominates pooled similarities")
-            && out.contains(&format!("--bos auto prepends {named}")),
-        "{out}"
+        warning.contains("sits at position 0 and is the attention sink")
+            && warning.contains("dominates pooled similarities")
+            && warning.ends_with(&format!("--bos auto prepends {named}"))
+            && !warning.contains("  "),
+        "{warning}"
     );
     let n = json(&n);
     assert_eq!(n["bos"]["mode"], "never");

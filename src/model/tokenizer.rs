@@ -139,7 +139,10 @@ impl BosOutcome {
             _ => String::new(),
         };
         Some(format!(
-            "warning: nothing precedes a word's first token, so it sits at position 0 and is              the attention sink: its hidden state dominates pooled similarities (near-1              cosines for every pair from the early layers on, and \"words\" reads like              \"all\"){fix}"
+            "warning: nothing precedes a word's first token, so it sits at position 0 and is \
+             the attention sink: its hidden state dominates pooled similarities (on a \
+             pretrained model every pair reads near 1 from the early layers on, and \
+             \"words\" like \"all\"){fix}"
         ))
     }
 }
@@ -665,7 +668,9 @@ mod tests {
         assert_eq!(e.word_mask(), [vec![1, 1]]);
         let w = b.sink_warning().unwrap();
         assert!(
-            w.contains("attention sink") && w.contains("--bos auto prepends <s> (id 0)"),
+            w.contains("is the attention sink: its hidden state dominates")
+                && w.ends_with("; --bos auto prepends <s> (id 0)")
+                && !w.contains("  "),
             "{w}"
         );
         // Modes switch back and forth on the same tokenizer.

@@ -2,7 +2,7 @@
 //!
 //! Each word or phrase is tokenized alone, with no prompt (BOS first: added
 //! by the tokenizer's post-processor, or prepended by its
-//! [`BosMode`](crate::model::BosMode)). Its embedding at hidden-state index `i`
+//! [`BosMode`]). Its embedding at hidden-state index `i`
 //! (transformers' `output_hidden_states` numbering: 0 is the embedding
 //! output, `i` the output of block `i − 1`) is the masked mean of that
 //! layer's hidden states, L2-normalised; the alignment of a pair is the

@@ -599,6 +599,13 @@ fn bos_modes_in_scan_train_and_eval() {
         args.extend_from_slice(extra);
         let out = ok(&tli(&args));
         assert!(out.contains("BOS: "), "{out}");
+        assert_eq!(
+            out.contains(
+                "note: the adapter was trained with --bos auto, this eval uses --bos never"
+            ),
+            mode == "never",
+            "{out}"
+        );
         let e = json(&e);
         assert_eq!(e["bos"]["mode"], mode);
         assert_eq!(e["bos"]["prepended"], mode == "auto");

@@ -696,6 +696,14 @@ pub fn eval_cmd(a: &EvalArgs) -> Result<()> {
         a.model.describe()
     );
     print_bos(&r.bos);
+    if let Ok(Some(m)) = resumed_bos(&a.adapter)
+        && m != r.bos.mode
+    {
+        println!(
+            "note: the adapter was trained with --bos {m}, this eval uses --bos {}",
+            r.bos.mode
+        );
+    }
     print!("{}", r.table());
     println!(
         "paired t-test on per-pair cosines (after - before), two-sided p; a rise in pair cosines \

@@ -323,11 +323,15 @@ impl LlamaTokenizer {
     }
 
     /// Wrap a tokenizer. Token names in `special` must be in its vocabulary;
-    /// `fallback_ids` (BOS, EOS, pad) are used where `special` names none.
+    /// `fallback_ids` (BOS, EOS, pad) are used where `special` names none,
+    /// except that the BOS a [`BosMode`] prepends is `fallback_ids.0` (the
+    /// config's `bos_token_id`) when given. The tokenizer starts in
+    /// [`BosMode::Auto`] ([`LlamaTokenizer::with_bos`] changes it).
     ///
     /// # Errors
     /// [`Error::Format`] (naming `label`) when a named special token is not
-    /// in the vocabulary, or there is neither a pad nor an EOS token.
+    /// in the vocabulary, there is neither a pad nor an EOS token, or the
+    /// BOS probe fails to encode.
     pub fn new(
         inner: tokenizers::Tokenizer,
         special: &SpecialTokens,

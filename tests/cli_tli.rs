@@ -447,3 +447,195 @@ fn ctrl_c_checkpoints_and_resume_finishes() {
     );
     assert_eq!(lines(&log), 400);
 }
+
+/// Take the BOS post-processor out of a model directory's tokenizer.json
+/// (SmolLM2's tokenizer, for one, adds no BOS); config.json keeps its
+/// `bos_token_id`.
+fn strip_bos(model: &Path) {
+    let p = model.join("tokenizer.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    assert!(v["post_processor"].is_object());
+    v["post_processor"] = Value::Null;
+    std::fs::write(&p, v.to_string()).unwrap();
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// `--bos` on scan, train and eval: what the header says, what the JSON
+/// and the trainer state record, and that a prepended BOS gives exactly the
+/// numbers of a tokenizer that adds it itself.
+#[test]
+fn bos_modes_in_scan_train_and_eval() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (with, bare) = (d.join("with"), d.join("bare"));
+    synthetic::write_dir(&with, 4).unwrap();
+    synthetic::write_dir(&bare, 4).unwrap();
+    strip_bos(&bare);
+    let bos = synthetic::tokenizer().unwrap().bos_id.unwrap();
+    let named = format!("{} (id {bos})", synthetic::BOS);
+    let train = d.join("train.tsv");
+    pairs_file(&train, false, 12);
+    let scan = |model: &Path, extra: &[&str], out: &Path| -> String {
+        let mut args = vec![
+            "scan",
+            "--model",
+            s(model),
+            "--pairs",
+            s(&train),
+            "--layers",
+            "0,2,4",
+            "--json",
+            s(out),
+        ];
+        args.extend_from_slice(extra);
+        ok(&tli(&args))
+    };
+
+    let a = d.join("a.json");
+    let out = scan(&with, &[], &a);
+    assert!(
+        out.contains(&format!(
+            "BOS: tokenizer adds BOS {named} itself: nothing prepended"
+        )),
+        "{out}"
+    );
+    assert!(!out.contains("attention sink"), "{out}");
+    let a = json(&a);
+    assert_eq!(a["bos"]["mode"], "auto");
+    assert_eq!(a["bos"]["tokenizer_adds_bos"], true);
+    assert_eq!(a["bos"]["prepended"], false);
+    assert_eq!(a["bos"]["id"], bos);
+
+    // auto (the default) and always prepend the BOS: the same ids, so the
+    // same numbers as the tokenizer that adds it.
+    for extra in [&[][..], &["--bos", "always"][..]] {
+        let b = d.join("b.json");
+        let out = scan(&bare, extra, &b);
+        let line = if extra.is_empty() {
+            format!("BOS: tokenizer adds no BOS: prepending {named}; --bos never to disable")
+        } else {
+            format!("BOS: tokenizer adds no BOS: prepending {named} (--bos always)")
+        };
+        assert!(out.contains(&line), "{out}");
+        assert!(!out.contains("attention sink"), "{out}");
+        let b = json(&b);
+        assert_eq!(
+            b["bos"]["mode"],
+            if extra.is_empty() { "auto" } else { "always" }
+        );
+        assert_eq!(b["bos"]["tokenizer_adds_bos"], false);
+        assert_eq!(b["bos"]["prepended"], true);
+        assert_eq!(b["bos"]["token"], synthetic::BOS);
+        assert_eq!(b["layers"], a["layers"]);
+    }
+
+    // never: each word's first token is at position 0, and the scan says so.
+    let n = d.join("n.json");
+    let out = scan(&bare, &["--bos", "never"], &n);
+    assert!(
+        out.contains("BOS: --bos never: the tokenizer as is, which adds no BOS"),
+        "{out}"
+    );
+    let warning = out
+        .lines()
+        .find(|l| l.starts_with("warning: "))
+        .unwrap_or_else(|| panic!("no warning in\n{out}"));
+    assert!(
+        warning.contains("sits at position 0 and is the attention sink")
+            && warning.contains("dominates pooled similarities")
+            && warning.ends_with(&format!("--bos auto prepends {named}"))
+            && !warning.contains("  "),
+        "{warning}"
+    );
+    let n = json(&n);
+    assert_eq!(n["bos"]["mode"], "never");
+    assert_eq!(n["bos"]["prepended"], false);
+    assert_eq!(n["bos"]["word_at_position_0"], true);
+    assert_eq!(n["layers"][0]["cosines"], a["layers"][0]["cosines"]);
+    assert_ne!(n["layers"][2]["cosines"], a["layers"][2]["cosines"]);
+
+    // train records the mode; eval reports it.
+    let adapter = d.join("adapter");
+    let out = ok(&tli(&[
+        "train",
+        "--model",
+        s(&bare),
+        "--pairs",
+        s(&train),
+        "--out",
+        s(&adapter),
+        "--epochs",
+        "1",
+        "--batch",
+        "4",
+        "--warmup",
+        "1",
+        "--lr",
+        "5e-3",
+    ]));
+    assert!(
+        out.contains("BOS: tokenizer adds no BOS: prepending"),
+        "{out}"
+    );
+    let state_path = adapter.join("checkpoint/trainer_state.json");
+    let state = json(&state_path);
+    assert_eq!(state["settings"]["bos"], "auto");
+    for (extra, mode) in [(&[][..], "auto"), (&["--bos", "never"][..], "never")] {
+        let e = d.join(format!("eval-{mode}.json"));
+        let mut args = vec![
+            "eval",
+            "--model",
+            s(&bare),
+            "--adapter",
+            s(&adapter),
+            "--train",
+            s(&train),
+            "--json",
+            s(&e),
+        ];
+        args.extend_from_slice(extra);
+        let out = ok(&tli(&args));
+        assert!(out.contains("BOS: "), "{out}");
+        assert_eq!(
+            out.contains(
+                "note: the adapter was trained with --bos auto, this eval uses --bos never"
+            ),
+            mode == "never",
+            "{out}"
+        );
+        let e = json(&e);
+        assert_eq!(e["bos"]["mode"], mode);
+        assert_eq!(e["bos"]["prepended"], mode == "auto");
+    }
+
+    // Resume: another mode is refused naming both; without --bos the run's
+    // mode is used. (The checkpoint is cut back to step 1 to have a run to
+    // resume.)
+    let mut cut = state.clone();
+    cut["step"] = 1.into();
+    cut["steps"] = Value::Array(vec![state["steps"][0].clone()]);
+    std::fs::write(&state_path, cut.to_string()).unwrap();
+    let resume = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--model",
+            s(&bare),
+            "--pairs",
+            s(&train),
+            "--resume",
+            s(&adapter),
+        ];
+        args.extend_from_slice(extra);
+        tli(&args)
+    };
+    let e = failed(&resume(&["--bos", "never"]));
+    assert!(
+        e.contains("used --bos auto") && e.contains("this one --bos never"),
+        "{e}"
+    );
+    let out = ok(&resume(&[]));
+    assert!(out.contains("resumed at step 1 of 3"), "{out}");
+}

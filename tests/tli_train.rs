@@ -14,13 +14,14 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 use tli_kernels::model::lora::{self, load_peft, named_trainable_vars, save_peft};
 use tli_kernels::model::{
-    ForwardOptions, Llama, LlamaTokenizer, LoadOptions, LoraConfig, TargetModules, synthetic,
+    BosMode, ForwardOptions, Llama, LlamaTokenizer, LoadOptions, LoraConfig, SpecialTokens,
+    TargetModules, synthetic,
 };
 use tli_kernels::pairs::{Pair, shipped};
 use tli_kernels::tli::optim::{AdamW, AdamWConfig};
 use tli_kernels::tli::train::{
     CHECKPOINT_DIR, OPTIMIZER_FILE, ResumeOptions, StepInfo, TrainOptions, batch_loss, resume,
-    train,
+    resumed_bos, train,
 };
 
 const SEED: u64 = 11;
@@ -602,4 +603,111 @@ fn an_initial_adapter_without_trainable_modules_is_an_error() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("no module in blocks 0..2"), "{e}");
+}
+
+/// The synthetic tokenizer without its BOS post-processor (as SmolLM2's
+/// adds none); `config.json`'s `bos_token_id` is the synthetic BOS.
+fn tokenizer_without_bos() -> LlamaTokenizer {
+    let with = synthetic::tokenizer().unwrap();
+    let mut inner = with.inner().clone();
+    inner.with_post_processor(None::<tokenizers::processors::PostProcessorWrapper>);
+    let special = SpecialTokens {
+        bos: Some(synthetic::BOS.into()),
+        eos: Some(synthetic::EOS.into()),
+        pad: None,
+    };
+    LlamaTokenizer::new(
+        inner,
+        &special,
+        (with.bos_id, None, None),
+        "<no-BOS tokenizer>",
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_prepended_bos_trains_as_the_post_processors_does() {
+    let pairs = train_pairs(8);
+    let refs: Vec<&Pair> = pairs.iter().collect();
+    let (m, tok) = model();
+    let bare = tokenizer_without_bos();
+    assert!(bare.bos().prepended && !tok.bos().prepended);
+    let loss = |t: &LlamaTokenizer| {
+        batch_loss(&m, t, &refs, 2, 0.4, None)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    // The same token ids, so the same loss, bit for bit.
+    assert_eq!(loss(&tok), loss(&bare));
+    let never = bare.with_bos(BosMode::Never).unwrap();
+    assert!(never.bos().word_at_position_0);
+    assert_ne!(loss(&tok), loss(&never));
+}
+
+#[test]
+fn resume_refuses_another_bos_mode_and_reads_old_states_as_never() {
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = train_pairs(24);
+    let out = dir.path().join("run");
+    let log = dir.path().join("log.jsonl");
+    let (mut m, tok) = model();
+    train(
+        &mut m,
+        &tok,
+        &pairs,
+        &small_run(Some(&out), &log, 7),
+        &mut stop_at(4),
+    )
+    .unwrap();
+    let state_path = out.join(CHECKPOINT_DIR).join("trainer_state.json");
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    assert_eq!(state["settings"]["bos"], "auto");
+    assert_eq!(resumed_bos(&out).unwrap(), Some(BosMode::Auto));
+    let ropts = ResumeOptions {
+        log: Some(log.clone()),
+        save_every: None,
+        setup: Some("f32".into()),
+    };
+    for mode in [BosMode::Never, BosMode::Always] {
+        let (mut m, tok) = model();
+        let tok = tok.with_bos(mode).unwrap();
+        let e = resume(&mut m, &tok, &pairs, &out, &ropts, &mut go)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("used --bos auto") && e.contains(&format!("this one --bos {mode}")),
+            "{e}"
+        );
+    }
+
+    // A state from before --bos: the tokenizer as is. A mode that prepends
+    // nothing continues it; one that prepends a BOS is refused.
+    let mut old = state.clone();
+    old["settings"].as_object_mut().unwrap().remove("bos");
+    std::fs::write(&state_path, old.to_string()).unwrap();
+    assert_eq!(resumed_bos(&out).unwrap(), None);
+    let (mut m, _) = model();
+    let e = resume(
+        &mut m,
+        &tokenizer_without_bos(),
+        &pairs,
+        &out,
+        &ropts,
+        &mut go,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("--bos never (its trainer state predates --bos") && e.contains("--bos auto"),
+        "{e}"
+    );
+    let (mut m, tok) = model();
+    let r = resume(&mut m, &tok, &pairs, &out, &ropts, &mut go).unwrap();
+    assert!(r.completed && r.resumed_at == 4);
+    // The resumed run records its mode.
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    assert_eq!(state["settings"]["bos"], "auto");
 }

@@ -28,7 +28,7 @@ pub use hub::{ResolvedModel, resolve_model_path};
 pub use llama::{Block, ForwardOptions, Llama, LoadOptions, PROJECTION_NAMES};
 pub use lora::{LoraConfig, TargetModules};
 pub use projection::{LoraAdapter, Projection, ProjectionWeight};
-pub use tokenizer::{EncodedBatch, LlamaTokenizer, SpecialTokens};
+pub use tokenizer::{BosMode, BosOutcome, EncodedBatch, LlamaTokenizer, SpecialTokens};
 pub use weights::{Checkpoint, Tensors};
 
 /// The candle device for the model: the CPU, or (feature `candle-cuda`)

@@ -1,20 +1,27 @@
 //! `tokenizer.json` through the `tokenizers` crate, with the special tokens
 //! the tokenizer files declare and a per-token "special" mask for pooling.
 //!
-//! * BOS (or anything else) is added exactly as the tokenizer's
-//!   post-processor says; nothing is prepended here.
+//! * BOS: the tokenizer's post-processor adds what it adds; on top of that
+//!   a [`BosMode`] says whether a BOS is prepended ([`LlamaTokenizer::with_bos`],
+//!   default [`BosMode::Auto`]: prepend one when the post-processor adds
+//!   none). Without a BOS a word's first token sits at position 0 and
+//!   becomes the attention sink; [`BosOutcome`] records what was decided.
 //! * Special tokens: `bos_token`, `eos_token`, `pad_token` of
 //!   `tokenizer_config.json` (or `special_tokens_map.json`), strings or
 //!   `{"content": ...}` objects; when absent, the ids of `config.json`.
 //!   Without a pad token, padding uses EOS (as the TLI experiments do).
 //! * A token is *special* when the tokenizer marks it so (post-processor
 //!   tokens, added tokens with `special: true`), or it is BOS, EOS or
-//!   padding. Word-token pooling keeps only the others.
+//!   padding (and a prepended BOS is special too). Word-token pooling
+//!   keeps only the others.
 
 use std::collections::HashSet;
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use candle_core::{Device as CDevice, Tensor};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::{Error, Result};
@@ -31,7 +38,152 @@ pub struct LlamaTokenizer {
     /// Padding id (the pad token, else EOS).
     pub pad_id: u32,
     special_ids: HashSet<u32>,
+    /// `bos_token_id` of `config.json` (the BOS a [`BosMode`] prepends).
+    config_bos: Option<u32>,
+    /// The id [`LlamaTokenizer::encode_batch`] prepends to a text whose
+    /// encoding does not already start with it.
+    prepend: Option<u32>,
+    bos: BosOutcome,
 }
+
+/// Whether a BOS token is prepended to each encoded text, on top of what
+/// the tokenizer's post-processor adds.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum BosMode {
+    /// Prepend the BOS when the tokenizer's post-processor adds none and a
+    /// BOS token is known; otherwise the tokenizer as is (with a note when
+    /// no BOS token is known).
+    #[default]
+    Auto,
+    /// Prepend the BOS to every text that does not already start with it;
+    /// an error when no BOS token is known.
+    Always,
+    /// The tokenizer as is (the behaviour before BOS modes existed).
+    Never,
+}
+
+impl BosMode {
+    /// `"auto"`, `"always"` or `"never"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BosMode::Auto => "auto",
+            BosMode::Always => "always",
+            BosMode::Never => "never",
+        }
+    }
+}
+
+impl fmt::Display for BosMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for BosMode {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(BosMode::Auto),
+            "always" => Ok(BosMode::Always),
+            "never" => Ok(BosMode::Never),
+            other => Err(Error::invalid(
+                "bos",
+                format!("unknown BOS mode {other:?} (expected auto, always or never)"),
+            )),
+        }
+    }
+}
+
+/// What a [`BosMode`] came to on a tokenizer: recorded in scan and eval
+/// reports and printed by the CLI ([`fmt::Display`] gives the one-line
+/// summary, [`BosOutcome::sink_warning`] the attention-sink warning).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BosOutcome {
+    /// The mode asked for.
+    pub mode: BosMode,
+    /// Whether the tokenizer's own post-processor puts the BOS first (a
+    /// probe text encoded with special tokens starts with [`Self::id`]).
+    pub tokenizer_adds_bos: bool,
+    /// Whether [`Self::id`] is prepended to every text that does not
+    /// already start with it.
+    pub prepended: bool,
+    /// The BOS token's text, when a BOS token is known.
+    pub token: Option<String>,
+    /// The BOS id: `bos_token_id` of `config.json`, else the tokenizer
+    /// files' `bos_token`; `None` when neither names one.
+    pub id: Option<u32>,
+    /// Whether a word's first token is the first token of its encoding
+    /// (nothing special precedes it): that token is then the attention
+    /// sink, and its hidden state dominates pooled similarities.
+    pub word_at_position_0: bool,
+    /// Why the mode did not do what it usually does (`auto` without a
+    /// usable BOS token), when it did not.
+    pub note: Option<String>,
+}
+
+impl BosOutcome {
+    /// The warning to show when a word's first token is the attention sink
+    /// ([`Self::word_at_position_0`]); `None` otherwise.
+    pub fn sink_warning(&self) -> Option<String> {
+        if !self.word_at_position_0 {
+            return None;
+        }
+        let fix = match (self.mode, &self.token, self.id) {
+            (BosMode::Never, Some(t), Some(id)) => {
+                format!("; --bos auto prepends {t} (id {id})")
+            }
+            _ => String::new(),
+        };
+        Some(format!(
+            "warning: nothing precedes a word's first token, so it sits at position 0 and is \
+             the attention sink: its hidden state dominates pooled similarities (on a \
+             pretrained model every pair reads near 1 from the early layers on, and \
+             \"words\" like \"all\"){fix}"
+        ))
+    }
+}
+
+impl fmt::Display for BosOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tok = match (&self.token, self.id) {
+            (Some(t), Some(id)) => format!("{t} (id {id})"),
+            (None, Some(id)) => format!("id {id}"),
+            _ => "BOS".to_string(),
+        };
+        match (self.mode, self.tokenizer_adds_bos, self.prepended) {
+            (BosMode::Never, true, _) => write!(
+                f,
+                "--bos never: the tokenizer as is (it adds BOS {tok} itself)"
+            ),
+            (BosMode::Never, false, _) => {
+                write!(f, "--bos never: the tokenizer as is, which adds no BOS")
+            }
+            (_, true, _) => write!(f, "tokenizer adds BOS {tok} itself: nothing prepended"),
+            (BosMode::Auto, false, true) => write!(
+                f,
+                "tokenizer adds no BOS: prepending {tok}; --bos never to disable"
+            ),
+            (BosMode::Always, false, true) => {
+                write!(f, "tokenizer adds no BOS: prepending {tok} (--bos always)")
+            }
+            (_, false, false) => write!(
+                f,
+                "tokenizer adds no BOS and none is prepended{}",
+                self.note
+                    .as_ref()
+                    .map(|n| format!(": {n}"))
+                    .unwrap_or_default()
+            ),
+        }
+    }
+}
+
+/// The text whose encoding shows whether the post-processor adds a BOS.
+const PROBE: &str = "a";
 
 /// A right-padded batch of encoded texts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,11 +323,15 @@ impl LlamaTokenizer {
     }
 
     /// Wrap a tokenizer. Token names in `special` must be in its vocabulary;
-    /// `fallback_ids` (BOS, EOS, pad) are used where `special` names none.
+    /// `fallback_ids` (BOS, EOS, pad) are used where `special` names none,
+    /// except that the BOS a [`BosMode`] prepends is `fallback_ids.0` (the
+    /// config's `bos_token_id`) when given. The tokenizer starts in
+    /// [`BosMode::Auto`] ([`LlamaTokenizer::with_bos`] changes it).
     ///
     /// # Errors
     /// [`Error::Format`] (naming `label`) when a named special token is not
-    /// in the vocabulary, or there is neither a pad nor an EOS token.
+    /// in the vocabulary, there is neither a pad nor an EOS token, or the
+    /// BOS probe fails to encode.
     pub fn new(
         inner: tokenizers::Tokenizer,
         special: &SpecialTokens,
@@ -207,14 +363,109 @@ impl LlamaTokenizer {
         special_ids.extend(bos_id);
         special_ids.extend(eos_id);
         special_ids.insert(pad_id);
-        Ok(Self {
+        let tok = Self {
             inner,
             label,
             bos_id,
             eos_id,
             pad_id,
             special_ids,
-        })
+            config_bos: fallback_ids.0,
+            prepend: None,
+            bos: BosOutcome {
+                mode: BosMode::Never,
+                tokenizer_adds_bos: false,
+                prepended: false,
+                token: None,
+                id: None,
+                word_at_position_0: false,
+                note: None,
+            },
+        };
+        tok.with_bos(BosMode::Auto)
+    }
+
+    /// This tokenizer with BOS handled by `mode` (see [`BosMode`]; a new
+    /// tokenizer has [`BosMode::Auto`]).
+    ///
+    /// The BOS is `bos_token_id` of `config.json` when given, else the
+    /// `bos_token` of the tokenizer files. The tokenizer adds it itself
+    /// when a probe text encoded with special tokens starts with it. A
+    /// prepended BOS is special: excluded from word-token pooling, included
+    /// in all-token pooling, and a text whose encoding already starts with
+    /// it gets no second one.
+    ///
+    /// # Errors
+    /// [`Error::Format`] naming the tokenizer when `mode` is
+    /// [`BosMode::Always`] and no BOS token is known or its id is not in
+    /// the vocabulary (where [`BosMode::Auto`] falls back to the tokenizer
+    /// as is, with a [`BosOutcome::note`]), or when the probe fails to
+    /// encode.
+    pub fn with_bos(mut self, mode: BosMode) -> Result<Self> {
+        let id = self.config_bos.or(self.bos_id);
+        let token = id.and_then(|i| self.inner.id_to_token(i));
+        let probe = self.inner.encode(PROBE, true).map_err(|e| {
+            Error::format(&self.label, format!("encoding the probe {PROBE:?}: {e}"))
+        })?;
+        let adds = id.is_some() && probe.get_ids().first().copied() == id;
+        let missing = "no BOS token is known (config.json has no bos_token_id and the \
+                       tokenizer files name no bos_token)"
+            .to_string();
+        let unknown = |i: u32| {
+            format!(
+                "the BOS id {i} (bos_token_id) is not in the vocabulary of {} tokens",
+                self.vocab_size()
+            )
+        };
+        let (prepend, note) = match (mode, adds, id) {
+            (BosMode::Never, ..) | (_, true, _) => (None, None),
+            (BosMode::Auto, false, None) => (None, Some(missing)),
+            (BosMode::Auto, false, Some(i)) if token.is_none() => (None, Some(unknown(i))),
+            (BosMode::Always, false, None) => {
+                return Err(Error::format(
+                    &self.label,
+                    format!("--bos always: {missing}; use --bos auto or never"),
+                ));
+            }
+            (BosMode::Always, false, Some(i)) if token.is_none() => {
+                return Err(Error::format(
+                    &self.label,
+                    format!("--bos always: {}", unknown(i)),
+                ));
+            }
+            (_, false, Some(i)) => (Some(i), None),
+        };
+        // What comes first in an encoding: the prepended BOS, else the
+        // tokenizer's first token (a word token unless it is special).
+        let first = probe
+            .get_ids()
+            .first()
+            .zip(probe.get_special_tokens_mask().first());
+        let word_at_position_0 = match (prepend, first) {
+            (Some(b), Some((&f, _))) if f != b => false,
+            (Some(_), None) => false,
+            (_, Some((&f, &m))) => m != 1 && !self.is_special(f),
+            (None, None) => true,
+        };
+        self.prepend = prepend;
+        if let Some(b) = prepend {
+            self.special_ids.insert(b);
+        }
+        self.bos = BosOutcome {
+            mode,
+            tokenizer_adds_bos: adds,
+            prepended: prepend.is_some(),
+            token,
+            id,
+            word_at_position_0,
+            note,
+        };
+        Ok(self)
+    }
+
+    /// What the tokenizer's [`BosMode`] came to.
+    pub fn bos(&self) -> &BosOutcome {
+        &self.bos
     }
 
     /// The wrapped `tokenizers` tokenizer.
@@ -242,25 +493,11 @@ impl LlamaTokenizer {
         if texts.is_empty() {
             return Err(Error::invalid("encode", "no texts"));
         }
-        let mut rows = Vec::with_capacity(texts.len());
-        for (i, text) in texts.iter().enumerate() {
-            let enc = self.inner.encode(*text, true).map_err(|e| {
-                Error::format(&self.label, format!("encoding text {i} ({text:?}): {e}"))
-            })?;
-            if enc.get_ids().is_empty() {
-                return Err(Error::invalid(
-                    "encode",
-                    format!("text {i} ({text:?}) encodes to no tokens"),
-                ));
-            }
-            let special: Vec<bool> = enc
-                .get_ids()
-                .iter()
-                .zip(enc.get_special_tokens_mask())
-                .map(|(&id, &m)| m == 1 || self.is_special(id))
-                .collect();
-            rows.push((enc.get_ids().to_vec(), special));
-        }
+        let rows = texts
+            .iter()
+            .enumerate()
+            .map(|(i, text)| self.encode_one(i, text))
+            .collect::<Result<Vec<_>>>()?;
         let s = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
         let mut out = EncodedBatch {
             ids: Vec::new(),
@@ -280,5 +517,245 @@ impl LlamaTokenizer {
             out.lengths.push(n);
         }
         Ok(out)
+    }
+
+    /// Text `i` of a batch: its ids (with the BOS prepended when the mode
+    /// says so) and special mask.
+    fn encode_one(&self, i: usize, text: &str) -> Result<(Vec<u32>, Vec<bool>)> {
+        let enc = self.inner.encode(text, true).map_err(|e| {
+            Error::format(&self.label, format!("encoding text {i} ({text:?}): {e}"))
+        })?;
+        if enc.get_ids().is_empty() {
+            return Err(Error::invalid(
+                "encode",
+                format!("text {i} ({text:?}) encodes to no tokens"),
+            ));
+        }
+        let mut ids = Vec::with_capacity(enc.get_ids().len() + 1);
+        let mut special = Vec::with_capacity(ids.capacity());
+        if let Some(b) = self.prepend
+            && enc.get_ids().first() != Some(&b)
+        {
+            ids.push(b);
+            special.push(true);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        special.extend(
+            enc.get_ids()
+                .iter()
+                .zip(enc.get_special_tokens_mask())
+                .map(|(&id, &m)| m == 1 || self.is_special(id)),
+        );
+        Ok((ids, special))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::processors::template::TemplateProcessing;
+
+    /// A word-level tokenizer: `<s>` 0, `</s>` 1, `[UNK]` 2, `hello` 3,
+    /// `world` 4, `a` 5; with a post-processor that puts `<s>` first when
+    /// `adds_bos`.
+    fn word_level(adds_bos: bool) -> tokenizers::Tokenizer {
+        let json = r#"{
+          "version": "1.0", "truncation": null, "padding": null,
+          "added_tokens": [
+            {"id": 0, "content": "<s>", "single_word": false, "lstrip": false,
+             "rstrip": false, "normalized": false, "special": true},
+            {"id": 1, "content": "</s>", "single_word": false, "lstrip": false,
+             "rstrip": false, "normalized": false, "special": true}],
+          "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+          "post_processor": null, "decoder": null,
+          "model": {"type": "WordLevel", "unk_token": "[UNK]",
+                    "vocab": {"<s>": 0, "</s>": 1, "[UNK]": 2, "hello": 3,
+                              "world": 4, "a": 5}}}"#;
+        let mut t = tokenizers::Tokenizer::from_bytes(json.as_bytes()).unwrap();
+        if adds_bos {
+            let post = TemplateProcessing::builder()
+                .try_single("<s> $A")
+                .unwrap()
+                .special_tokens(vec![("<s>", 0)])
+                .build()
+                .unwrap();
+            t.with_post_processor(Some(post));
+        }
+        t
+    }
+
+    /// `bos` names the BOS in the tokenizer files; `config_bos` is
+    /// `bos_token_id` of config.json.
+    fn tok(adds_bos: bool, bos: Option<&str>, config_bos: Option<u32>) -> LlamaTokenizer {
+        let special = SpecialTokens {
+            bos: bos.map(String::from),
+            eos: Some("</s>".into()),
+            pad: None,
+        };
+        LlamaTokenizer::new(
+            word_level(adds_bos),
+            &special,
+            (config_bos, None, None),
+            "t.json",
+        )
+        .unwrap()
+    }
+
+    fn ids(t: &LlamaTokenizer, texts: &[&str]) -> EncodedBatch {
+        t.encode_batch(texts).unwrap()
+    }
+
+    #[test]
+    fn a_tokenizer_that_adds_bos_is_left_alone_by_every_mode() {
+        for mode in [BosMode::Auto, BosMode::Always, BosMode::Never] {
+            let t = tok(true, None, Some(0)).with_bos(mode).unwrap();
+            let b = t.bos();
+            assert_eq!(b.mode, mode);
+            assert!(b.tokenizer_adds_bos, "{mode}");
+            assert!(!b.prepended, "{mode}");
+            assert!(!b.word_at_position_0, "{mode}");
+            assert_eq!((b.token.as_deref(), b.id), (Some("<s>"), Some(0)));
+            assert_eq!(b.sink_warning(), None);
+            // One BOS, never two; it is special.
+            let e = ids(&t, &["hello world", "a"]);
+            assert_eq!(e.ids, [vec![0, 3, 4], vec![0, 5, 1]], "{mode}");
+            assert_eq!(e.special_mask[0], [true, false, false]);
+            assert_eq!(e.word_mask(), [vec![0, 1, 1], vec![0, 1, 0]]);
+            assert_eq!(e.attention_mask, [vec![1, 1, 1], vec![1, 1, 0]]);
+            let line = b.to_string();
+            match mode {
+                BosMode::Never => assert!(line.contains("adds BOS <s> (id 0) itself"), "{line}"),
+                _ => assert_eq!(
+                    line,
+                    "tokenizer adds BOS <s> (id 0) itself: nothing prepended"
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn a_tokenizer_without_bos_gets_one_under_auto_and_always() {
+        // A new tokenizer is in auto mode.
+        let t = tok(false, Some("<s>"), Some(0));
+        assert_eq!(t.bos().mode, BosMode::Auto);
+        for mode in [BosMode::Auto, BosMode::Always] {
+            let t = t.clone().with_bos(mode).unwrap();
+            let b = t.bos();
+            assert!(!b.tokenizer_adds_bos && b.prepended, "{mode}");
+            assert!(!b.word_at_position_0 && b.sink_warning().is_none());
+            let e = ids(&t, &["hello world", "a"]);
+            assert_eq!(e.ids, [vec![0, 3, 4], vec![0, 5, 1]], "{mode}");
+            assert_eq!(e.lengths, [3, 2]);
+            // BOS excluded from word pooling, included in all-token pooling.
+            assert_eq!(
+                e.special_mask,
+                [vec![true, false, false], vec![true, false, true]]
+            );
+            assert_eq!(e.word_mask(), [vec![0, 1, 1], vec![0, 1, 0]]);
+            assert_eq!(e.attention_mask, [vec![1, 1, 1], vec![1, 1, 0]]);
+            // A text that already starts with BOS does not get a second.
+            assert_eq!(ids(&t, &["<s> hello"]).ids, [vec![0, 3]]);
+        }
+        let auto = t.clone().with_bos(BosMode::Auto).unwrap();
+        assert_eq!(
+            auto.bos().to_string(),
+            "tokenizer adds no BOS: prepending <s> (id 0); --bos never to disable"
+        );
+        let always = t.clone().with_bos(BosMode::Always).unwrap();
+        assert!(always.bos().to_string().contains("(--bos always)"));
+
+        let never = t.with_bos(BosMode::Never).unwrap();
+        let b = never.bos();
+        assert!(!b.tokenizer_adds_bos && !b.prepended && b.word_at_position_0);
+        let e = ids(&never, &["hello world"]);
+        assert_eq!(e.ids, [vec![3, 4]]);
+        assert_eq!(e.word_mask(), [vec![1, 1]]);
+        let w = b.sink_warning().unwrap();
+        assert!(
+            w.contains("is the attention sink: its hidden state dominates")
+                && w.ends_with("; --bos auto prepends <s> (id 0)")
+                && !w.contains("  "),
+            "{w}"
+        );
+        // Modes switch back and forth on the same tokenizer.
+        let again = never.with_bos(BosMode::Auto).unwrap();
+        assert_eq!(ids(&again, &["hello world"]).ids, [vec![0, 3, 4]]);
+    }
+
+    #[test]
+    fn the_config_bos_id_comes_before_the_tokenizer_files_bos_token() {
+        // config.json says `</s>` (1) is BOS, the tokenizer files `<s>`.
+        let t = tok(false, Some("<s>"), Some(1));
+        assert_eq!(
+            (t.bos().id, t.bos().token.as_deref()),
+            (Some(1), Some("</s>"))
+        );
+        assert_eq!(ids(&t, &["hello"]).ids, [vec![1, 3]]);
+        // Without bos_token_id the tokenizer files' bos_token is used.
+        let t = tok(false, Some("<s>"), None);
+        assert_eq!(ids(&t, &["hello"]).ids, [vec![0, 3]]);
+    }
+
+    #[test]
+    fn without_a_bos_token_auto_falls_back_and_always_is_an_error() {
+        let t = tok(false, None, None);
+        let b = t.bos();
+        assert_eq!(b.mode, BosMode::Auto);
+        assert!(!b.prepended && b.word_at_position_0);
+        assert_eq!((b.id, b.token.as_deref()), (None, None));
+        let note = b.note.clone().unwrap();
+        assert!(note.contains("no bos_token_id"), "{note}");
+        let line = b.to_string();
+        assert!(
+            line.starts_with("tokenizer adds no BOS and none is prepended: no BOS token"),
+            "{line}"
+        );
+        assert!(b.sink_warning().is_some());
+        assert_eq!(ids(&t, &["hello world"]).ids, [vec![3, 4]]);
+        let e = t.with_bos(BosMode::Always).unwrap_err().to_string();
+        assert!(
+            e.contains("t.json") && e.contains("--bos always") && e.contains("bos_token_id"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_bos_id_outside_the_vocabulary_falls_back_under_auto_and_fails_always() {
+        let t = tok(false, None, Some(99));
+        let b = t.bos();
+        assert!(!b.prepended && b.word_at_position_0);
+        let note = b.note.clone().unwrap();
+        assert!(
+            note.contains("BOS id 99") && note.contains("6 tokens"),
+            "{note}"
+        );
+        assert!(b.to_string().contains("BOS id 99"));
+        assert_eq!(ids(&t, &["hello"]).ids, [vec![3]]);
+        assert!(t.clone().with_bos(BosMode::Never).is_ok());
+        let e = t.with_bos(BosMode::Always).unwrap_err().to_string();
+        assert!(e.contains("t.json") && e.contains("BOS id 99"), "{e}");
+    }
+
+    #[test]
+    fn modes_parse_print_and_serialise_by_name() {
+        for (m, s) in [
+            (BosMode::Auto, "auto"),
+            (BosMode::Always, "always"),
+            (BosMode::Never, "never"),
+        ] {
+            assert_eq!(m.to_string(), s);
+            assert_eq!(s.parse::<BosMode>().unwrap(), m);
+            assert_eq!(serde_json::to_string(&m).unwrap(), format!("\"{s}\""));
+            assert_eq!(
+                serde_json::from_str::<BosMode>(&format!("\"{s}\"")).unwrap(),
+                m
+            );
+        }
+        let e = "sometimes".parse::<BosMode>().unwrap_err().to_string();
+        assert!(
+            e.contains("\"sometimes\"") && e.contains("auto, always or never"),
+            "{e}"
+        );
+        assert_eq!(BosMode::default(), BosMode::Auto);
     }
 }

@@ -1,7 +1,8 @@
 //! Word embeddings at a layer and the per-pair cosines scan and eval report.
 //!
-//! Each word or phrase is tokenized alone, with no prompt (the tokenizer's
-//! post-processor adds BOS). Its embedding at hidden-state index `i`
+//! Each word or phrase is tokenized alone, with no prompt (BOS first: added
+//! by the tokenizer's post-processor, or prepended by its
+//! [`BosMode`]). Its embedding at hidden-state index `i`
 //! (transformers' `output_hidden_states` numbering: 0 is the embedding
 //! output, `i` the output of block `i − 1`) is the masked mean of that
 //! layer's hidden states, L2-normalised; the alignment of a pair is the
@@ -25,7 +26,7 @@ use serde::{Serialize, Serializer};
 
 use super::specificity::Specificity;
 use crate::cosine::{Hidden, PairOptions};
-use crate::model::{ForwardOptions, LlamaConfig, LlamaTokenizer, LoadOptions};
+use crate::model::{BosMode, ForwardOptions, LlamaConfig, LlamaTokenizer, LoadOptions};
 use crate::model::{Llama, candle_device};
 use crate::nf4::quantize::QuantizeOptions;
 use crate::pairs::Pair;
@@ -299,6 +300,8 @@ pub struct ModelOptions {
     /// Run the model on CUDA device 0 (needs the `candle-cuda` feature and
     /// a GPU).
     pub cuda: bool,
+    /// Whether a BOS is prepended to each word (see [`BosMode`]).
+    pub bos: BosMode,
 }
 
 impl Default for ModelOptions {
@@ -307,6 +310,7 @@ impl Default for ModelOptions {
             dtype: CDType::F32,
             quantize: false,
             cuda: false,
+            bos: BosMode::Auto,
         }
     }
 }
@@ -316,12 +320,14 @@ impl Default for ModelOptions {
 /// [`crate::model::resolve_model_path`]), with only the first `num_layers`
 /// blocks when given (enough for hidden states up to that index). Config
 /// keys that were not used are in the model's
-/// [`LlamaConfig::ignored_keys`].
+/// [`LlamaConfig::ignored_keys`]; the tokenizer handles BOS as
+/// [`ModelOptions::bos`] says ([`LlamaTokenizer::bos`] tells what that came
+/// to).
 ///
 /// # Errors
 /// [`Error::NoCudaDevice`] when CUDA is asked for and cannot be used; as
-/// [`crate::model::resolve_model_path`], [`Llama::load`] and
-/// [`LlamaTokenizer::from_dir`].
+/// [`crate::model::resolve_model_path`], [`Llama::load`],
+/// [`LlamaTokenizer::from_dir`] and [`LlamaTokenizer::with_bos`].
 pub fn load_model(
     dir: &Path,
     opts: &ModelOptions,
@@ -342,7 +348,7 @@ pub fn load_model(
             num_layers,
         },
     )?;
-    Ok((model, tok))
+    Ok((model, tok.with_bos(opts.bos)?))
 }
 
 /// The number of blocks that must be loaded to apply the adapter in

@@ -19,10 +19,13 @@
 //!                       "specific": true|false|null, "verdict": "...",
 //!                       "before": [...], "after": [...],
 //!                       "pairs": [[sw, en], ...]},
-//!           "control": {...}}}
+//!           "control": {...}},
+//!  "bos": {"mode": "auto"|"always"|"never", "tokenizer_adds_bos", "prepended",
+//!          "token", "id", "word_at_position_0", "note"}}
 //! ```
 //!
-//! Sets appear in the order given (`trained`, then `control`). `change` is
+//! Sets appear in the order given (`trained`, then `control`). `bos` is the
+//! tokenizer's [`BosOutcome`] (what its BOS mode came to). `change` is
 //! `after_mean − before_mean`, `change_pct` is `100 · change / before_mean`.
 //! `t`, `df`, `p` are the paired t-test of [`super::stats::paired_t_test`]
 //! (`null` where undefined). A pair *improved* when its cosine after is
@@ -51,7 +54,7 @@ use serde::{Serialize, Serializer};
 use super::embed::{Pooling, pair_cosines, pair_embeddings};
 use super::specificity::{Specificity, SpecificityChange};
 use super::stats::{mean, paired_t_test, sd};
-use crate::model::{Llama, LlamaTokenizer};
+use crate::model::{BosOutcome, Llama, LlamaTokenizer};
 use crate::pairs::Pair;
 use crate::{Device, Error, Result};
 
@@ -188,6 +191,8 @@ pub struct EvalReport {
     pub pooling: Pooling,
     /// `(name, report)` per set, in the order given.
     pub sets: Vec<(String, SetReport)>,
+    /// How BOS was handled ([`LlamaTokenizer::bos`]).
+    pub bos: BosOutcome,
 }
 
 struct OrderedSets<'a>(&'a [(String, SetReport)]);
@@ -204,10 +209,11 @@ impl Serialize for OrderedSets<'_> {
 
 impl Serialize for EvalReport {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(3))?;
+        let mut m = s.serialize_map(Some(4))?;
         m.serialize_entry("layer", &self.layer)?;
         m.serialize_entry("pooling", &self.pooling)?;
         m.serialize_entry("sets", &OrderedSets(&self.sets))?;
+        m.serialize_entry("bos", &self.bos)?;
         m.end()
     }
 }
@@ -319,6 +325,7 @@ where
         layer: opts.layer,
         pooling: opts.pooling,
         sets: out,
+        bos: tok.bos().clone(),
     })
 }
 

@@ -15,10 +15,14 @@
 //!              "matching_mean", "nonmatching_mean", "margin",
 //!              "top1", "top5", "mrr", "top1_en_sw", "top5_en_sw",
 //!              "mrr_en_sw"}, ...],
-//!  "pairs": [[sw, en], ...], "device": "cpu"|"sim"|"cuda"}
+//!  "pairs": [[sw, en], ...], "device": "cpu"|"sim"|"cuda",
+//!  "bos": {"mode": "auto"|"always"|"never", "tokenizer_adds_bos", "prepended",
+//!          "token", "id", "word_at_position_0", "note"}}
 //! ```
 //!
 //! `layers` is ordered by index, and within an index `words` before `all`.
+//! `bos` is the tokenizer's [`BosOutcome`]: what its BOS mode came to
+//! (`token`, `id` and `note` may be `null`).
 //! `sd` is the sample standard deviation (`null` for a single pair).
 //!
 //! The specificity fields describe the cosine matrix of all scanned pairs,
@@ -47,7 +51,7 @@ use serde::Serialize;
 use super::embed::{Pooling, pair_embeddings};
 use super::specificity::Specificity;
 use super::stats::{mean, sd};
-use crate::model::{Llama, LlamaTokenizer};
+use crate::model::{BosOutcome, Llama, LlamaTokenizer};
 use crate::pairs::Pair;
 use crate::{Device, Error, Result};
 
@@ -148,6 +152,8 @@ pub struct ScanReport {
     pub pairs: Vec<(String, String)>,
     /// The device the pooling and cosine kernels ran on.
     pub device: String,
+    /// How BOS was handled ([`LlamaTokenizer::bos`]).
+    pub bos: BosOutcome,
 }
 
 /// Scan `pairs` through `model` (with whatever adapters it carries).
@@ -199,6 +205,7 @@ pub fn scan(
             .map(|p| (p.swahili.clone(), p.english.clone()))
             .collect(),
         device: opts.device.to_string(),
+        bos: tok.bos().clone(),
     })
 }
 

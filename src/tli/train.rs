@@ -47,8 +47,9 @@
 //!   checkpoint is the PEFT adapter in `out` (each file written
 //!   atomically) and, in `out/checkpoint/`, everything a resumed run needs:
 //!   the adapter, the optimizer state (`optimizer.safetensors`, see
-//!   [`super::optim`]) and `trainer_state.json` (settings, the pairs, the
-//!   step reached and every step's log entry). That directory is built
+//!   [`super::optim`]) and `trainer_state.json` (settings, among them the
+//!   tokenizer's BOS mode, the pairs, the step reached and every step's log
+//!   entry). That directory is built
 //!   beside the old one and swapped in by renames, so an interruption
 //!   leaves either the old or the new checkpoint whole ([`resume`] also
 //!   accepts the `checkpoint.old` a crash between the two renames leaves).
@@ -56,7 +57,9 @@
 //!   reloaded, the epoch shuffles replayed from the seed and the batches
 //!   already taken skipped, so the run continues with exactly the steps an
 //!   uninterrupted run takes: same batches, dropout masks, learning rates
-//!   and final adapter (on the same backend).
+//!   and final adapter (on the same backend). The tokenizer must have the
+//!   run's [`BosMode`] (a state without one, from before BOS modes, ran
+//!   the tokenizer as is: any mode that prepends nothing continues it).
 //! * **Log** ([`TrainOptions::log`]): one JSON object per optimizer step
 //!   ([`StepInfo`]: `step`, `total`, `epoch`, `lr`, `loss`, `grad_norm`,
 //!   `batch`, `seconds`), appended as each step ends (so `tail -f` follows
@@ -79,7 +82,7 @@ use super::optim::{AdamW, AdamWConfig};
 use crate::candle_ops::cosine::{cosine_matrix, masked_mean_pool};
 use crate::io::write_atomic;
 use crate::model::lora::{attach, load_peft, named_trainable_vars, save_peft};
-use crate::model::{ForwardOptions, Llama, LlamaTokenizer, LoraConfig};
+use crate::model::{BosMode, ForwardOptions, Llama, LlamaTokenizer, LoraConfig};
 use crate::pairs::Pair;
 use crate::{Error, Result};
 
@@ -504,6 +507,11 @@ struct Settings {
     eps: f64,
     weight_decay: f64,
     save_every: Option<usize>,
+    /// The tokenizer's BOS mode; absent (`None`) in states written before
+    /// BOS modes existed, whose runs used the tokenizer as is
+    /// ([`BosMode::Never`]).
+    #[serde(default)]
+    bos: Option<BosMode>,
 }
 
 /// `checkpoint/trainer_state.json`.
@@ -533,13 +541,14 @@ pub const STATE_FILE: &str = "trainer_state.json";
 
 /// Continue the run checkpointed in `dir` (its [`TrainOptions::out`]) on
 /// `model`, which must be the same model without adapters, with the same
-/// `pairs`. The settings are the run's own; the result is the one the run
-/// would have reached uninterrupted.
+/// `pairs` and a tokenizer with the run's BOS mode ([`resumed_bos`]). The
+/// settings are the run's own; the result is the one the run would have
+/// reached uninterrupted.
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] when `dir` holds no checkpoint, the run had
-/// already finished, or the pairs or model setup differ from the run's
-/// (naming the first difference); [`Error::Format`] for a damaged
+/// already finished, or the pairs, model setup or BOS mode differ from the
+/// run's (naming the first difference); [`Error::Format`] for a damaged
 /// checkpoint; as [`train`].
 pub fn resume(
     model: &mut Llama,
@@ -579,6 +588,7 @@ pub fn resume(
             ),
         ));
     }
+    check_same_bos(state.settings.bos, tok, dir)?;
     let s = &state.settings;
     let opts = TrainOptions {
         layer: s.layer,
@@ -617,6 +627,42 @@ pub fn resume(
         steps: state.steps,
     };
     run(model, tok, pairs, &opts, &cfg, optim, progress, on_step)
+}
+
+/// A resumed run must encode words as the run did: the same BOS mode, or
+/// for a state written before BOS modes existed (the tokenizer as is), any
+/// mode that prepends nothing.
+fn check_same_bos(was: Option<BosMode>, tok: &LlamaTokenizer, dir: &Path) -> Result<()> {
+    let now = tok.bos();
+    let same = match was {
+        Some(m) => m == now.mode,
+        None => now.mode == BosMode::Never || !now.prepended,
+    };
+    if same {
+        return Ok(());
+    }
+    let was = match was {
+        Some(m) => format!("--bos {m}"),
+        None => "--bos never (its trainer state predates --bos: the tokenizer as is)".into(),
+    };
+    Err(Error::invalid(
+        OP,
+        format!(
+            "the run in {} used {was}, this one --bos {} ({now}): resume with the run's mode",
+            dir.display(),
+            now.mode
+        ),
+    ))
+}
+
+/// The BOS mode of the run checkpointed in `dir`: `None` for a trainer
+/// state written before BOS modes existed (such runs used the tokenizer as
+/// is, [`BosMode::Never`]).
+///
+/// # Errors
+/// As [`resume`] for a missing or damaged checkpoint.
+pub fn resumed_bos(dir: &Path) -> Result<Option<BosMode>> {
+    Ok(read_state(dir)?.1.settings.bos)
 }
 
 /// How many blocks [`resume`] needs loaded for the run checkpointed in
@@ -814,7 +860,16 @@ fn run(
             let stop = on_step(&info).is_break();
             let due = opts.save_every.is_some_and(|n| k % n == 0);
             if stop || due {
-                save(model, cfg, opts, &optim, pairs, &steps, elapsed(&start))?;
+                save(
+                    model,
+                    tok,
+                    cfg,
+                    opts,
+                    &optim,
+                    pairs,
+                    &steps,
+                    elapsed(&start),
+                )?;
                 saved_at = k;
             }
             if stop {
@@ -829,7 +884,16 @@ fn run(
             }
         }
         if saved_at != k {
-            save(model, cfg, opts, &optim, pairs, &steps, elapsed(&start))?;
+            save(
+                model,
+                tok,
+                cfg,
+                opts,
+                &optim,
+                pairs,
+                &steps,
+                elapsed(&start),
+            )?;
             saved_at = k;
         }
     }
@@ -845,8 +909,10 @@ fn run(
 
 /// Write a checkpoint (see the module docs) when [`TrainOptions::out`] is
 /// set.
+#[allow(clippy::too_many_arguments)]
 fn save(
     model: &Llama,
+    tok: &LlamaTokenizer,
     cfg: &LoraConfig,
     opts: &TrainOptions,
     optim: &AdamW,
@@ -879,6 +945,7 @@ fn save(
             eps: opts.eps,
             weight_decay: opts.weight_decay,
             save_every: opts.save_every,
+            bos: Some(tok.bos().mode),
         },
         pairs: pairs
             .iter()

@@ -14,13 +14,14 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tli_kernels::Device;
 use tli_kernels::model::lora::CONFIG_FILE;
-use tli_kernels::model::{LoraConfig, TargetModules};
+use tli_kernels::model::{BosMode, BosOutcome, LoraConfig, TargetModules};
 use tli_kernels::pairs::{Pair, check_disjoint, read_pairs};
 use tli_kernels::tli::embed::adapter_blocks;
 use tli_kernels::tli::plot::{eval_svg, scan_svg, write_text};
 use tli_kernels::tli::scan::{PoolingChoice, ScanOptions, scan};
 use tli_kernels::tli::train::{
-    ResumeOptions, StepInfo, TrainOptions, resume, resumed_blocks, steps_per_epoch, train,
+    ResumeOptions, StepInfo, TrainOptions, resume, resumed_blocks, resumed_bos, steps_per_epoch,
+    train,
 };
 use tli_kernels::tli::{EvalOptions, ModelOptions, Pooling, evaluate_adapter, load_model};
 
@@ -80,6 +81,12 @@ pub struct ModelArgs {
     /// Compute dtype.
     #[arg(long, value_enum, default_value_t = ComputeDtype::F32)]
     dtype: ComputeDtype,
+    /// BOS before each word: auto prepends the config's bos_token_id when
+    /// the tokenizer adds no BOS itself; always prepends it unless already
+    /// there; never uses the tokenizer as is [default: auto; with --resume,
+    /// the run's].
+    #[arg(long, value_enum)]
+    bos: Option<BosMode>,
 }
 
 impl ModelArgs {
@@ -91,6 +98,7 @@ impl ModelArgs {
             },
             quantize: self.quantize.is_some(),
             cuda: self.device == RunDevice::Cuda,
+            bos: self.bos.unwrap_or_default(),
         }
     }
 
@@ -379,6 +387,7 @@ pub fn scan_cmd(a: &ScanArgs) -> Result<()> {
             .as_ref()
             .map_or(String::new(), |d| format!(", adapter {}", d.display()))
     );
+    print_bos(tok.bos());
     println!(
         "alignment = mean cosine of Swahili and English embeddings (masked mean, L2-normalised); \
          words: the word's own tokens, all: every token incl. BOS"
@@ -402,6 +411,15 @@ pub fn scan_cmd(a: &ScanArgs) -> Result<()> {
         emit(p, &scan_svg(&r)?, "plot")?;
     }
     Ok(())
+}
+
+/// The BOS line of a report header, and the attention-sink warning when
+/// a word's first token sits at position 0.
+fn print_bos(b: &BosOutcome) {
+    println!("BOS: {b}");
+    if let Some(w) = b.sink_warning() {
+        println!("{w}");
+    }
 }
 
 /// The adapter settings of a fresh or `--init-adapter` run: flags over the
@@ -504,9 +522,14 @@ pub fn train_cmd(a: &TrainArgs) -> Result<()> {
         (None, Some(init)) => adapter_blocks(init)?.map(|n| n.max(a.layer)),
         (None, None) => Some(a.layer),
     };
+    let mut options = a.model.options();
+    if let (Some(r), None) = (&a.resume, a.model.bos) {
+        // A state from before --bos ran the tokenizer as is.
+        options.bos = resumed_bos(r)?.unwrap_or(BosMode::Never);
+    }
     let t = Instant::now();
     let bar = spinner("loading the model");
-    let loaded = load_model(&a.model.model, &a.model.options(), blocks);
+    let loaded = load_model(&a.model.model, &options, blocks);
     bar.finish_and_clear();
     let (mut model, tok) = loaded.with_context(|| format!("loading {}", a.model.describe()))?;
     note_ignored_keys(&model);
@@ -553,6 +576,7 @@ pub fn train_cmd(a: &TrainArgs) -> Result<()> {
             a.model.describe()
         );
     }
+    print_bos(tok.bos());
     let bar = if std::io::stderr().is_terminal() {
         let b = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
         if let Ok(style) = ProgressStyle::with_template(
@@ -687,6 +711,15 @@ pub fn eval_cmd(a: &EvalArgs) -> Result<()> {
         a.adapter.display(),
         a.model.describe()
     );
+    print_bos(&r.bos);
+    if let Ok(Some(m)) = resumed_bos(&a.adapter)
+        && m != r.bos.mode
+    {
+        println!(
+            "note: the adapter was trained with --bos {m}, this eval uses --bos {}",
+            r.bos.mode
+        );
+    }
     print!("{}", r.table());
     println!(
         "paired t-test on per-pair cosines (after - before), two-sided p; a rise in pair cosines \

@@ -857,7 +857,11 @@ fn truncated_and_non_safetensors_files_are_clean_errors() {
     assert_format_err_names_file(&err, &p, "0 bytes");
 
     let err = MappedFile::open(dir.path()).unwrap_err();
-    assert_format_err_names_file(&err, dir.path(), "not a regular file");
+    assert_format_err_names_file(
+        &err,
+        dir.path(),
+        "a directory; inputs must be regular files",
+    );
 
     let missing = dir.path().join("missing.safetensors");
     let err = MappedFile::open(&missing).unwrap_err();

@@ -393,7 +393,7 @@ impl LlamaConfig {
     /// setting this crate does not implement.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::io::read_text(path)?;
         Self::from_json_str(&text, path)
     }
 

@@ -269,7 +269,7 @@ impl SpecialTokens {
             if !path.is_file() {
                 continue;
             }
-            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            let text = crate::io::read_text(&path)?;
             let json: Value = serde_json::from_str(&text)
                 .map_err(|e| Error::format(&path, format!("not valid JSON: {e}")))?;
             for (key, slot) in [
@@ -308,7 +308,7 @@ impl LlamaTokenizer {
     pub fn from_dir(dir: impl AsRef<Path>, config: Option<&super::LlamaConfig>) -> Result<Self> {
         let dir = dir.as_ref();
         let path = dir.join("tokenizer.json");
-        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let bytes = crate::io::read_input(&path, crate::io::max_text_bytes())?;
         let inner = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| Error::format(&path, format!("not a tokenizer.json: {e}")))?;
         let special = SpecialTokens::from_dir(dir)?;

@@ -687,7 +687,7 @@ pub fn resumed_blocks(dir: &Path) -> Result<Option<usize>> {
 fn read_state(dir: &Path) -> Result<(PathBuf, TrainerState)> {
     let ckpt = checkpoint_dir(dir)?;
     let path = ckpt.join(STATE_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let text = crate::io::read_text(&path)?;
     let state: TrainerState = serde_json::from_str(&text)
         .map_err(|e| Error::format(&path, format!("not a trainer state: {e}")))?;
     if state.format != STATE_FORMAT || state.version != STATE_VERSION {

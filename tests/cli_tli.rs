@@ -384,6 +384,18 @@ fn train_from_an_adapter_with_logs_checkpoints_and_flag_checks() {
 #[cfg(unix)]
 #[test]
 fn ctrl_c_checkpoints_and_resume_finishes() {
+    signal_checkpoints_and_resume_finishes("INT");
+}
+
+/// SIGTERM (a job scheduler stopping the run) behaves as Ctrl-C.
+#[cfg(unix)]
+#[test]
+fn sigterm_checkpoints_and_resume_finishes() {
+    signal_checkpoints_and_resume_finishes("TERM");
+}
+
+#[cfg(unix)]
+fn signal_checkpoints_and_resume_finishes(signal: &str) {
     use std::time::{Duration, Instant};
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -419,7 +431,7 @@ fn ctrl_c_checkpoints_and_resume_finishes() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let killed = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args([&format!("-{signal}"), &child.id().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
@@ -638,4 +650,44 @@ fn bos_modes_in_scan_train_and_eval() {
     );
     let out = ok(&resume(&[]));
     assert!(out.contains("resumed at step 1 of 3"), "{out}");
+}
+
+/// Settings that cannot work fail before the model loads and leave nothing
+/// behind; one that works but probably is not meant gets a warning.
+#[test]
+fn train_settings_are_checked_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = d.join("model");
+    synthetic::write_dir(&model, 4).unwrap();
+    let train = d.join("train.tsv");
+    pairs_file(&train, false, 6);
+    let out = d.join("a");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--model",
+            s(&model),
+            "--pairs",
+            s(&train),
+            "--out",
+            s(&out),
+        ];
+        args.extend_from_slice(extra);
+        tli(&args)
+    };
+    let e = failed(&run(&["--rank", "100000"]));
+    assert!(e.contains("rank r = 100000") && e.contains("1..=64"), "{e}");
+    assert!(!out.exists(), "nothing written: {e}");
+    // 6 pairs in batches of 2: 3 steps an epoch, so u64::MAX epochs overflow.
+    let e = failed(&run(&["--epochs", "18446744073709551615", "--batch", "2"]));
+    assert!(e.contains("more steps than can be counted"), "{e}");
+    assert!(!out.exists(), "nothing written: {e}");
+    let o = run(&["--warmup", "100000", "--epochs", "1"]);
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--warmup 100000 is not shorter than the run") && err.contains("never"),
+        "{err}"
+    );
 }

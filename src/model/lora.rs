@@ -104,12 +104,20 @@ impl LoraConfig {
     /// Check the settings.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] for rank 0, a non-finite alpha, a dropout
+    /// [`Error::InvalidArgument`] for a rank outside
+    /// `1..=`[`MAX_RANK`](crate::lora::MAX_RANK), a non-finite alpha, a dropout
     /// outside `[0, 1)`, no target modules, or an invalid regular expression.
     pub fn validate(&self) -> Result<()> {
         const OP: &str = "lora config";
-        if self.rank == 0 {
-            return Err(Error::invalid(OP, "rank r is 0"));
+        if self.rank == 0 || self.rank > crate::lora::MAX_RANK {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "rank r = {} is not in 1..={} (the largest rank the fused LoRA kernels take)",
+                    self.rank,
+                    crate::lora::MAX_RANK
+                ),
+            ));
         }
         if !self.alpha.is_finite() {
             return Err(Error::invalid(
@@ -396,8 +404,9 @@ pub fn attach(model: &mut Llama, cfg: &LoraConfig, seed: u64) -> Result<()> {
 ///
 /// # Errors
 /// As [`LoraConfig::from_file`]; [`Error::Format`] naming the file and key
-/// for a missing factor, a factor of the wrong shape or dtype, or a key that
-/// is not a factor of a targeted module; [`Error::Candle`] if the device
+/// for a missing factor, a factor of the wrong shape or dtype, a factor
+/// holding a NaN or an infinity, or a key that is not a factor of a
+/// targeted module; [`Error::Candle`] if the device
 /// cannot hold them.
 pub fn load_peft(model: &mut Llama, dir: impl AsRef<Path>) -> Result<LoraConfig> {
     let dir = dir.as_ref();
@@ -416,6 +425,14 @@ pub fn load_peft(model: &mut Llama, dir: impl AsRef<Path>) -> Result<LoraConfig>
         let (ka, kb) = (tensor_key(l, name, "A"), tensor_key(l, name, "B"));
         let a = t.dense(&ka, &[cfg.rank, p.in_features], CDType::F32, &model.device)?;
         let b = t.dense(&kb, &[p.out_features, cfg.rank], CDType::F32, &model.device)?;
+        for (key, factor) in [(&ka, &a), (&kb, &b)] {
+            let values: Vec<f32> = factor
+                .flatten_all()
+                .and_then(|t| t.to_vec1())
+                .map_err(Error::candle("load LoRA"))?;
+            check_finite("load LoRA", key, &values)
+                .map_err(|e| Error::format(&path, e.to_string()))?;
+        }
         expected.insert(ka);
         expected.insert(kb);
         adapters.push((l, name, a, b));
@@ -441,6 +458,24 @@ pub fn load_peft(model: &mut Llama, dir: impl AsRef<Path>) -> Result<LoraConfig>
     Ok(cfg)
 }
 
+/// `values` of the factor `key` are all finite, or an error naming the
+/// factor, how many are not and the first of them: an adapter with a NaN or
+/// an infinity is never saved, loaded or trained from.
+fn check_finite(op: &'static str, key: &str, values: &[f32]) -> Result<()> {
+    let bad = values.iter().filter(|v| !v.is_finite()).count();
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::invalid(
+            op,
+            format!(
+                "`{key}` has {bad} non-finite value(s) of {} (the first, at index {i}, is {})",
+                values.len(),
+                values[i]
+            ),
+        )),
+    }
+}
+
 /// Save `model`'s adapters in PEFT format under `dir` (created if needed;
 /// each file written atomically).
 ///
@@ -449,7 +484,8 @@ pub fn load_peft(model: &mut Llama, dir: impl AsRef<Path>) -> Result<LoraConfig>
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] if a projection `cfg` targets has no adapter
-/// or one of another rank; [`Error::Io`] if writing fails;
+/// or one of another rank, or if a factor holds a NaN or an infinity
+/// (nothing is written then); [`Error::Io`] if writing fails;
 /// [`Error::Candle`] if the factors cannot be read back.
 pub fn save_peft(model: &Llama, cfg: &LoraConfig, dir: impl AsRef<Path>) -> Result<()> {
     let dir = dir.as_ref();
@@ -486,6 +522,7 @@ pub fn save_peft(model: &Llama, cfg: &LoraConfig, dir: impl AsRef<Path>) -> Resu
                 .and_then(|t| t.flatten_all())
                 .and_then(|t| t.to_vec1())
                 .map_err(Error::candle("save LoRA"))?;
+            check_finite("save LoRA", &tensor_key(l, name, ab), &values)?;
             tensors.push((
                 tensor_key(l, name, ab),
                 TensorBuf {

@@ -264,6 +264,7 @@ fn run(
                 .and_then(|t| t.to_vec1())
                 .map_err(Error::candle(OP))?;
             let d = h.len() / (2 * c * s);
+            check_finite_states(&h, &enc.attention_mask, &texts, layer, s, d)?;
             let (ha, hb) = h.split_at(c * s * d);
             let a = Hidden::contiguous(ha, c, s, d);
             let b = Hidden::contiguous(hb, c, s, d);
@@ -286,6 +287,37 @@ fn run(
         }
     }
     Ok(out)
+}
+
+/// Every real (attended) token's hidden state in `h` (`[texts, s, d]`) is
+/// finite, or an error naming the hidden-state index, the text and the
+/// token: a NaN or an infinity in a state would otherwise turn into a NaN
+/// cosine, a `null` in the JSON and a meaningless ranking.
+fn check_finite_states(
+    h: &[f32],
+    attention: &[Vec<u32>],
+    texts: &[&str],
+    layer: usize,
+    s: usize,
+    d: usize,
+) -> Result<()> {
+    for (r, row) in attention.iter().enumerate() {
+        for (t, _) in row.iter().enumerate().filter(|&(_, &m)| m != 0) {
+            let v = &h[(r * s + t) * d..(r * s + t + 1) * d];
+            if let Some(bad) = v.iter().find(|x| !x.is_finite()) {
+                return Err(Error::invalid(
+                    "pair cosines",
+                    format!(
+                        "hidden state {layer} of {:?} (token {t}) holds {bad}: the model's \
+                         weights, norms or adapter hold a NaN or an infinity, or a value \
+                         overflowed the compute dtype (try --dtype f32)",
+                        texts[r]
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// How to load a model directory.

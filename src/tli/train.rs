@@ -454,6 +454,7 @@ pub fn train(
     if pairs.is_empty() {
         return Err(Error::invalid(OP, "no training pairs"));
     }
+    total_steps(pairs.len(), opts)?;
     let cfg = match &opts.init_adapter {
         Some(dir) => {
             check_options(model, opts)?;
@@ -476,6 +477,52 @@ pub fn train(
         Progress::default(),
         on_step,
     )
+}
+
+/// The number of optimizer steps `opts` takes over `n_pairs` pairs, checked
+/// (never wrapping).
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for batch 0, or when epochs × steps per epoch
+/// does not fit a `usize`.
+pub fn total_steps(n_pairs: usize, opts: &TrainOptions) -> Result<usize> {
+    if opts.batch == 0 {
+        return Err(Error::invalid(
+            OP,
+            "batch 0: the batch size must be positive",
+        ));
+    }
+    let per_epoch = steps_per_epoch(n_pairs, opts.batch);
+    per_epoch.checked_mul(opts.epochs).ok_or_else(|| {
+        Error::invalid(
+            OP,
+            format!(
+                "{} epochs of {per_epoch} steps each is more steps than can be counted",
+                opts.epochs
+            ),
+        )
+    })
+}
+
+/// Warnings about a schedule that runs but is probably not what was meant:
+/// a warm-up at least as long as the run keeps the learning rate below its
+/// peak throughout (`--warmup 100000` on a 5-step run trains at about
+/// `lr · 5e-5`).
+///
+/// # Errors
+/// As [`total_steps`].
+pub fn schedule_warnings(n_pairs: usize, opts: &TrainOptions) -> Result<Vec<String>> {
+    let total = total_steps(n_pairs, opts)?;
+    let mut out = Vec::new();
+    if opts.warmup >= total && opts.warmup > 0 {
+        let peak = opts.lr * total.saturating_sub(1) as f64 / opts.warmup as f64;
+        out.push(format!(
+            "--warmup {} is not shorter than the run ({total} steps): the learning rate never \
+             reaches --lr {:e} (its largest value is {peak:.3e})",
+            opts.warmup, opts.lr
+        ));
+    }
+    Ok(out)
 }
 
 /// Options of [`resume`]: where the log goes and what may change.
@@ -842,6 +889,28 @@ fn run(
                         .and_then(|s| s.to_scalar::<f64>())
                         .map_err(Error::candle(OP))?;
                 }
+            }
+            // A non-finite loss or gradient would poison every parameter at
+            // the optimizer step: stop before it. The last checkpoint (all
+            // finite: save_peft refuses anything else) stays as it was.
+            if !loss_value.is_finite() || !sq.is_finite() {
+                return Err(Error::invalid(
+                    OP,
+                    format!(
+                        "step {} of {} (epoch {epoch}, lr {lr:e}): the loss is {loss_value} and \
+                         the gradient norm {}; training stopped before the optimizer step, and \
+                         the last checkpoint ({}) is kept. Lower --lr (or raise --warmup), or check \
+                         the model and adapter for NaN/Inf values",
+                        k + 1,
+                        sched.total,
+                        sq.sqrt(),
+                        if saved_at > 0 {
+                            format!("step {saved_at}")
+                        } else {
+                            "none yet".to_string()
+                        }
+                    ),
+                ));
             }
             optim.step(&grads, lr)?;
             k += 1;

@@ -20,8 +20,8 @@ use tli_kernels::tli::embed::adapter_blocks;
 use tli_kernels::tli::plot::{eval_svg, scan_svg, write_text};
 use tli_kernels::tli::scan::{PoolingChoice, ScanOptions, scan};
 use tli_kernels::tli::train::{
-    ResumeOptions, StepInfo, TrainOptions, resume, resumed_blocks, resumed_bos, steps_per_epoch,
-    train,
+    ResumeOptions, StepInfo, TrainOptions, resume, resumed_blocks, resumed_bos, schedule_warnings,
+    total_steps, train,
 };
 use tli_kernels::tli::{EvalOptions, ModelOptions, Pooling, evaluate_adapter, load_model};
 
@@ -494,7 +494,9 @@ fn stop_on_ctrl_c() -> Arc<AtomicBool> {
         if flag.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("\nCtrl-C: stopping after this step with a checkpoint (again to quit now)");
+        eprintln!(
+            "\nCtrl-C or SIGTERM: stopping after this step with a checkpoint (again to quit now)"
+        );
     });
     if let Err(e) = installed {
         eprintln!("warning: Ctrl-C will not checkpoint before stopping: {e}");
@@ -514,7 +516,12 @@ pub fn train_cmd(a: &TrainArgs) -> Result<()> {
     };
     let lora = match a.resume {
         Some(_) => None,
-        None => Some(train_lora(a)?),
+        None => {
+            // Checked before the model loads and before anything is written.
+            let lora = train_lora(a)?;
+            lora.validate()?;
+            Some(lora)
+        }
     };
     // Blocks to load: those the loss reads, and any the adapter names.
     let blocks = match (&a.resume, &a.init_adapter) {
@@ -537,7 +544,19 @@ pub fn train_cmd(a: &TrainArgs) -> Result<()> {
     let log = a.log.clone().unwrap_or_else(|| dir.join("train_log.jsonl"));
     let total;
     if let Some(lora) = &lora {
-        total = steps_per_epoch(pairs.len(), a.batch) * a.epochs;
+        // Checked (never wrapping), and a warm-up that outlasts the run is
+        // said before it starts.
+        let schedule = TrainOptions {
+            lr: a.lr,
+            warmup: a.warmup,
+            epochs: a.epochs,
+            batch: a.batch,
+            ..TrainOptions::default()
+        };
+        total = total_steps(pairs.len(), &schedule)?;
+        for w in schedule_warnings(pairs.len(), &schedule)? {
+            eprintln!("warning: {w}");
+        }
         println!(
             "tli train: {} pairs from {}, model {}; layer {}, LoRA r{} alpha {} dropout {} on {:?}{}, \
              lr {} (warm-up {}), {} epochs of {} steps (batch {}{}), margin {}, seed {}",

@@ -312,17 +312,30 @@ impl Default for ModelOptions {
 }
 
 /// Load the model and tokenizer in `dir`, with only the first `num_layers`
-/// blocks when given (enough for hidden states up to that index).
+/// blocks when given (enough for hidden states up to that index). `dir` may
+/// also be a GGUF file ([`crate::model::gguf::load`]).
 ///
 /// # Errors
 /// [`Error::NoCudaDevice`] when CUDA is asked for and cannot be used; as
-/// [`Llama::load`] and [`LlamaTokenizer::from_dir`].
+/// [`Llama::load`] and [`LlamaTokenizer::from_dir`], or for a GGUF file as
+/// [`crate::model::gguf::load`].
 pub fn load_model(
     dir: &Path,
     opts: &ModelOptions,
     num_layers: Option<usize>,
 ) -> Result<(Llama, LlamaTokenizer)> {
     let device = candle_device(opts.cuda.then_some(0))?;
+    if crate::model::gguf::is_gguf(dir) {
+        return crate::model::gguf::load(
+            dir,
+            &LoadOptions {
+                dtype: opts.dtype,
+                device,
+                quantize: opts.quantize.then(QuantizeOptions::default),
+                num_layers,
+            },
+        );
+    }
     let config = LlamaConfig::from_file(dir.join("config.json"))?;
     let tok = LlamaTokenizer::from_dir(dir, Some(&config))?;
     let num_layers = num_layers.map(|n| n.min(config.num_hidden_layers));

@@ -67,8 +67,8 @@ pub enum ComputeDtype {
 #[derive(Debug, Args)]
 pub struct ModelArgs {
     /// Model directory (`config.json`, `model.safetensors` or shards,
-    /// `tokenizer.json`).
-    #[arg(long, value_name = "DIR")]
+    /// `tokenizer.json`), or a GGUF file of a Llama.
+    #[arg(long, value_name = "DIR|FILE.gguf")]
     model: PathBuf,
     /// Quantize the projections while loading.
     #[arg(long, value_enum)]

@@ -880,3 +880,127 @@ fn smollm2_gguf_when_present() {
         );
     }
 }
+
+/// The same synthetic model as a checkpoint directory transformers' way.
+fn write_model_dir(dir: &Path, cfg: &LlamaConfig, w: &[(String, TensorBuf)], tok: &LlamaTokenizer) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), cfg.to_json().to_string()).unwrap();
+    std::fs::write(dir.join("model.safetensors"), safetensors_bytes(w).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        tok.inner().to_string(true).unwrap(),
+    )
+    .unwrap();
+    let tc = serde_json::json!({"bos_token": synthetic::BOS, "eos_token": synthetic::EOS});
+    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
+}
+
+fn tli(args: &[&std::ffi::OsStr]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tli"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tli {args:?}:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn cli_scan_train_eval_take_a_gguf_file() {
+    let (tok, cfg, w) = setup();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let file = d.join("tiny.gguf");
+    write_gguf(
+        &file,
+        &cfg,
+        &w,
+        &tok,
+        &Spec {
+            qtype: GgmlDType::F32,
+            tied: false,
+            meta: vec![],
+        },
+    );
+    let model_dir = d.join("model");
+    write_model_dir(&model_dir, &cfg, &w, &tok);
+    let (train, control) = tli_kernels::pairs::shipped().unwrap();
+    let write_pairs = |name: &str, list: &[tli_kernels::pairs::Pair], n: usize| {
+        let p = d.join(name);
+        let s: String = list
+            .iter()
+            .take(n)
+            .map(|p| format!("{}\t{}\n", p.swahili, p.english))
+            .collect();
+        std::fs::write(&p, s).unwrap();
+        p
+    };
+    let train = write_pairs("train.tsv", &train, 24);
+    let control = write_pairs("control.tsv", &control, 8);
+    let os = |p: &Path| p.as_os_str().to_owned();
+    let s = |x: &str| std::ffi::OsString::from(x);
+
+    // scan: the GGUF file and the checkpoint directory give the same report.
+    let mut reports = Vec::new();
+    for (model, json) in [(&file, d.join("a.json")), (&model_dir, d.join("b.json"))] {
+        tli(&[
+            &s("scan"),
+            &s("--model"),
+            &os(model),
+            &s("--pairs"),
+            &os(&train),
+            &s("--json"),
+            &os(&json),
+        ]
+        .map(|x| x.as_os_str()));
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        reports.push(v["layers"].clone());
+    }
+    assert!(reports[0].as_array().is_some_and(|l| !l.is_empty()));
+    assert_eq!(reports[0], reports[1]);
+
+    // train on the GGUF file, then eval the adapter on it.
+    let adapter = d.join("adapter");
+    let out = tli(&[
+        &s("train"),
+        &s("--model"),
+        &os(&file),
+        &s("--pairs"),
+        &os(&train),
+        &s("--out"),
+        &os(&adapter),
+        &s("--epochs"),
+        &s("1"),
+        &s("--warmup"),
+        &s("0"),
+        &s("--seed"),
+        &s("3"),
+    ]
+    .map(|x| x.as_os_str()));
+    assert!(out.contains("mean loss"), "{out}");
+    assert!(adapter.join("adapter_model.safetensors").is_file());
+    let ejson = d.join("eval.json");
+    tli(&[
+        &s("eval"),
+        &s("--model"),
+        &os(&file),
+        &s("--adapter"),
+        &os(&adapter),
+        &s("--train"),
+        &os(&train),
+        &s("--control"),
+        &os(&control),
+        &s("--json"),
+        &os(&ejson),
+    ]
+    .map(|x| x.as_os_str()));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&ejson).unwrap()).unwrap();
+    assert_eq!(v["sets"]["trained"]["n"], 24);
+    assert_eq!(v["sets"]["control"]["n"], 8);
+}

@@ -640,9 +640,9 @@ impl GgufFile {
         if let Some(d) = key_len.or(value_len) {
             obj.insert("head_dim".into(), d.into());
         }
-        if let Some(c) = self.u64_meta(&k("context_length"))? {
-            obj.insert("max_position_embeddings".into(), c.into());
-        }
+        // `llama.context_length` (transformers' `max_position_embeddings`)
+        // does not change hidden states and is not carried over.
+        self.u64_meta(&k("context_length"))?;
         for (key, json) in [
             ("tokenizer.ggml.bos_token_id", "bos_token_id"),
             ("tokenizer.ggml.eos_token_id", "eos_token_id"),

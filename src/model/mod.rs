@@ -12,8 +12,10 @@
 //!   place the fused NF4 + LoRA op plugs in.
 //! * [`llama`]: loading and the forward pass ([`Llama::hidden_states`]).
 //! * [`rope`]: rotary embeddings as transformers computes them.
+//! * [`gguf`]: llama.cpp's GGUF files (weights, config and tokenizer).
 
 pub mod config;
+pub mod gguf;
 pub mod hub;
 pub mod llama;
 pub mod lora;

@@ -347,11 +347,11 @@ impl Default for ModelOptions {
     }
 }
 
-/// Load the model and tokenizer in `dir` (a directory, or a hub id
-/// `org/name[@revision]` in the local Hugging Face cache, see
-/// [`crate::model::resolve_model_path`]), with only the first `num_layers`
-/// blocks when given (enough for hidden states up to that index). Config
-/// keys that were not used are in the model's
+/// Load the model and tokenizer in `dir` (a directory, a GGUF file — see
+/// [`crate::model::gguf::load`] — or a hub id `org/name[@revision]` in the
+/// local Hugging Face cache, see [`crate::model::resolve_model_path`]), with
+/// only the first `num_layers` blocks when given (enough for hidden states
+/// up to that index). Config keys that were not used are in the model's
 /// [`LlamaConfig::ignored_keys`]; the tokenizer handles BOS as
 /// [`ModelOptions::bos`] says ([`LlamaTokenizer::bos`] tells what that came
 /// to).
@@ -359,7 +359,8 @@ impl Default for ModelOptions {
 /// # Errors
 /// [`Error::NoCudaDevice`] when CUDA is asked for and cannot be used; as
 /// [`crate::model::resolve_model_path`], [`Llama::load`],
-/// [`LlamaTokenizer::from_dir`] and [`LlamaTokenizer::with_bos`].
+/// [`LlamaTokenizer::from_dir`] and [`LlamaTokenizer::with_bos`], or for a
+/// GGUF file as [`crate::model::gguf::load`].
 pub fn load_model(
     dir: &Path,
     opts: &ModelOptions,
@@ -368,6 +369,18 @@ pub fn load_model(
     let resolved = crate::model::resolve_model_path(dir)?;
     let dir = resolved.path.as_path();
     let device = candle_device(opts.cuda.then_some(0))?;
+    if crate::model::gguf::is_gguf(dir) {
+        let (model, tok) = crate::model::gguf::load(
+            dir,
+            &LoadOptions {
+                dtype: opts.dtype,
+                device,
+                quantize: opts.quantize.then(QuantizeOptions::default),
+                num_layers,
+            },
+        )?;
+        return Ok((model, tok.with_bos(opts.bos)?));
+    }
     let config = LlamaConfig::from_file(dir.join("config.json"))?;
     let tok = LlamaTokenizer::from_dir(dir, Some(&config))?;
     let num_layers = num_layers.map(|n| n.min(config.num_hidden_layers));

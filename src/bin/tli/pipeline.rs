@@ -68,9 +68,10 @@ pub enum ComputeDtype {
 #[derive(Debug, Args)]
 pub struct ModelArgs {
     /// Model directory (`config.json`, `model.safetensors` or shards,
-    /// `tokenizer.json`), or a hub id `org/name[@revision]` already in the
-    /// local Hugging Face cache (nothing is downloaded).
-    #[arg(long, value_name = "DIR")]
+    /// `tokenizer.json`), a GGUF file of a Llama, or a hub id
+    /// `org/name[@revision]` already in the local Hugging Face cache (nothing
+    /// is downloaded).
+    #[arg(long, value_name = "DIR|FILE.gguf|ORG/NAME")]
     model: PathBuf,
     /// Quantize the projections while loading.
     #[arg(long, value_enum)]

@@ -75,10 +75,7 @@ impl Toolchain {
             )
         };
         Toolchain {
-            nvrtc: pick(
-                "TLI_NVRTC",
-                &["lib64/libnvrtc.so", "lib/x64/nvrtc64_120_0.dll"],
-            ),
+            nvrtc: pick("TLI_NVRTC", &["lib64/libnvrtc.so", "bin/nvrtc64_120_0.dll"]),
             include: pick("TLI_CUDA_INCLUDE", &["include"]),
             ptxas: pick("TLI_PTXAS", &["bin/ptxas", "bin/ptxas.exe"]),
         }

@@ -92,6 +92,32 @@ pub fn launch_block_threads(entry: &str) -> Option<u32> {
 }
 include!(concat!(env!("OUT_DIR"), "/kernel_list.rs"));
 
+/// What to tell a user whose driver (supporting CUDA `driver.0`.`driver.1`)
+/// refused `image`: the image's toolchain and version, the driver's, and
+/// the fix.
+pub fn load_failure_hint(image: &CudaImage, driver: (i32, i32)) -> String {
+    let (major, minor) = driver;
+    match image.kind {
+        ImageKind::Ptx => format!(
+            "the PTX is ISA {} from NVRTC {NVRTC_VERSION}, newer than this driver (CUDA {major}.{minor}) can \
+             compile: update the NVIDIA driver to CUDA 12.2 (R535) or newer, or rebuild with a toolchain whose \
+             PTX ISA the driver supports (TLI_PTX_ISA_MAX, {}.{} in this build)",
+            image
+                .ptx_isa()
+                .map_or("?".to_string(), |(a, b)| format!("{a}.{b}")),
+            PTX_ISA_MAX.0,
+            PTX_ISA_MAX.1
+        ),
+        ImageKind::Sass => format!(
+            "the cubin for sm_{} was assembled by ptxas {PTXAS_VERSION} and this driver supports CUDA \
+             {major}.{minor}: cubins from a CUDA 12.x ptxas load on drivers from CUDA 12.0 on, so update the \
+             NVIDIA driver (CUDA 12.2 / R535 or newer), or rebuild after `eval \"$(scripts/cuda-env)\"`, whose \
+             toolchain writes images such drivers load",
+            image.arch
+        ),
+    }
+}
+
 /// The embedded image of kernel `name` a device of compute capability
 /// `major.minor` loads.
 ///
@@ -178,6 +204,34 @@ mod tests {
         assert_eq!(pick(&images, 8, 6), Some((80, ImageKind::Sass)));
         // SASS only: a newer major version has nothing to load.
         assert_eq!(pick(&images[..1], 9, 0), None);
+    }
+
+    #[test]
+    fn a_refused_image_names_both_versions_and_the_fix() {
+        let ptx = CudaImage {
+            name: "k",
+            arch: 80,
+            kind: ImageKind::Ptx,
+            bytes: b".version 8.2\n.target sm_80\n",
+        };
+        let h = load_failure_hint(&ptx, (12, 1));
+        for want in [
+            "ISA 8.2",
+            &format!("NVRTC {NVRTC_VERSION}"),
+            "CUDA 12.1",
+            "update the NVIDIA driver to CUDA 12.2 (R535)",
+        ] {
+            assert!(h.contains(want), "{want:?} missing from {h:?}");
+        }
+        let h = load_failure_hint(&img(86, ImageKind::Sass), (11, 8));
+        for want in [
+            "sm_86",
+            &format!("ptxas {PTXAS_VERSION}"),
+            "CUDA 11.8",
+            "scripts/cuda-env",
+        ] {
+            assert!(h.contains(want), "{want:?} missing from {h:?}");
+        }
     }
 
     #[test]

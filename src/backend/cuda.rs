@@ -614,38 +614,21 @@ impl Cuda {
     fn module_load_error(&self, image: &CudaImage, e: DriverError) -> Error {
         let call = format!("cuModuleLoadData ({}, {})", image.name, image.describe());
         let mut message = describe(e);
-        let (major, minor) = self.driver_version();
-        let (isa_major, isa_minor) = kernels::PTX_ISA_MAX;
         use sys::CUresult as R;
-        let hint = match (image.kind, e.0) {
-            (ImageKind::Ptx, R::CUDA_ERROR_UNSUPPORTED_PTX_VERSION) => Some(format!(
-                "the PTX is ISA {} from NVRTC {}, newer than this driver (CUDA {major}.{minor}) can compile: \
-                 update the NVIDIA driver to CUDA 12.2 (R535) or newer, or rebuild with a toolchain whose PTX \
-                 the driver supports (TLI_PTX_ISA_MAX={isa_major}.{isa_minor} by default)",
-                image
-                    .ptx_isa()
-                    .map_or("?".to_string(), |(a, b)| format!("{a}.{b}")),
-                kernels::NVRTC_VERSION
-            )),
-            (
-                ImageKind::Sass,
-                R::CUDA_ERROR_INVALID_IMAGE
-                | R::CUDA_ERROR_NO_BINARY_FOR_GPU
-                | R::CUDA_ERROR_INVALID_SOURCE
-                | R::CUDA_ERROR_UNSUPPORTED_PTX_VERSION,
-            ) => Some(format!(
-                "the cubin for sm_{} was assembled by ptxas {} and this driver supports CUDA {major}.{minor}: \
-                 cubins from a CUDA 12.x ptxas load on drivers from CUDA 12.0 on, so update the NVIDIA driver \
-                 (CUDA 12.2 / R535 or newer), or rebuild with `eval \"$(scripts/cuda-env)\"`, whose toolchain \
-                 writes images such drivers load",
-                image.arch,
-                kernels::PTXAS_VERSION
-            )),
-            _ => None,
-        };
-        if let Some(h) = hint {
+        let refused = matches!(
+            (image.kind, e.0),
+            (ImageKind::Ptx, R::CUDA_ERROR_UNSUPPORTED_PTX_VERSION)
+                | (
+                    ImageKind::Sass,
+                    R::CUDA_ERROR_INVALID_IMAGE
+                        | R::CUDA_ERROR_NO_BINARY_FOR_GPU
+                        | R::CUDA_ERROR_INVALID_SOURCE
+                        | R::CUDA_ERROR_UNSUPPORTED_PTX_VERSION
+                )
+        );
+        if refused {
             message.push_str("; ");
-            message.push_str(&h);
+            message.push_str(&kernels::load_failure_hint(image, self.driver_version()));
         }
         Error::Driver { call, message }
     }

@@ -4,18 +4,21 @@
 //!    place they are written down.
 //! 2. Feature `sim`: compiles the kernel sources for the host, together with
 //!    the simulator runtime in `kernels/sim/`, into a static library.
-//! 3. Feature `cuda` or `candle-cuda`: compiles every `kernels/*.cu` to PTX
-//!    with nvcc for each architecture in `TLI_CUDA_ARCHS` (default `80,90`),
-//!    embeds the PTX, and sets the cfg `tli_cuda`, which gates the CUDA
+//! 3. Feature `cuda` or `candle-cuda`: compiles every `kernels/*.cu` to a
+//!    cubin for each architecture in `TLI_CUDA_ARCHS` (default
+//!    `80,86,89,90`) and to PTX for the lowest of them, with a CUDA 12.x
+//!    toolchain so the images load on drivers from CUDA 12.2 on (see
+//!    `build/cuda_images.rs`), embeds them, and sets the cfg `tli_cuda`, which gates the CUDA
 //!    backend in the crate, its tests and benches. (The two features differ
 //!    only in how cudarc reaches the driver, see Cargo.toml, so the code
 //!    keys on the cfg rather than on either feature.)
 
 use std::env;
-use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+#[path = "build/cuda_images.rs"]
+mod cuda_images;
 
 fn main() {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -24,6 +27,7 @@ fn main() {
     let kernels_dir = root.join("kernels");
 
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=build/cuda_images.rs");
     for f in walk(&kernels_dir) {
         println!("cargo:rerun-if-changed={}", f.display());
     }
@@ -46,7 +50,7 @@ fn main() {
         build_simulator(&kernels_dir);
     }
 
-    let ptx_rs = out_dir.join("ptx.rs");
+    let images_rs = out_dir.join("cuda_images.rs");
     let cuda = env::var_os("CARGO_FEATURE_CUDA").is_some();
     let candle_cuda = env::var_os("CARGO_FEATURE_CANDLE_CUDA").is_some();
     println!("cargo::rustc-check-cfg=cfg(tli_cuda)");
@@ -58,54 +62,13 @@ fn main() {
              everything `cuda` has; enable one of the two.\n"
         );
     }
-    if cuda || candle_cuda {
+    let generated = if cuda || candle_cuda {
         println!("cargo::rustc-cfg=tli_cuda");
-        let archs = cuda_archs();
-        let nvcc = find_nvcc();
-        let mut modules = String::new();
-        for src in &kernel_sources {
-            let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
-            for arch in &archs {
-                let ptx = out_dir.join(format!("{stem}.sm_{arch}.ptx"));
-                compile_ptx(&nvcc, &kernels_dir, src, *arch, &ptx);
-                writeln!(
-                    modules,
-                    "    PtxModule {{ name: {stem:?}, arch: {arch}, ptx: include_str!({:?}) }},",
-                    ptx.display().to_string()
-                )
-                .unwrap();
-            }
-        }
-        let archs_list = archs
-            .iter()
-            .map(u32::to_string)
-            .collect::<Vec<_>>()
-            .join(", ");
-        let nvcc_version = nvcc_version(&nvcc);
-        fs::write(
-            &ptx_rs,
-            format!(
-                "/// Every kernel module, compiled once per architecture.\n\
-                 pub const PTX_MODULES: &[PtxModule] = &[\n{modules}];\n\
-                 /// The architectures compiled (`sm_XX`).\n\
-                 pub const CUDA_ARCHS: &[u32] = &[{archs_list}];\n\
-                 /// The nvcc that compiled them.\n\
-                 pub const NVCC_VERSION: &str = {nvcc_version:?};\n"
-            ),
-        )
-        .expect("write ptx.rs");
+        cuda_images::build(&kernels_dir, &kernel_sources, &cuda_archs(), &out_dir)
     } else {
-        fs::write(
-            &ptx_rs,
-            "/// Empty: built without the `cuda` feature.\n\
-             pub const PTX_MODULES: &[PtxModule] = &[];\n\
-             /// Empty: built without the `cuda` feature.\n\
-             pub const CUDA_ARCHS: &[u32] = &[];\n\
-             /// Empty: built without the `cuda` feature.\n\
-             pub const NVCC_VERSION: &str = \"\";\n",
-        )
-        .expect("write ptx.rs");
-    }
+        cuda_images::empty()
+    };
+    fs::write(&images_rs, generated).expect("write cuda_images.rs");
 
     let names: Vec<String> = kernel_sources
         .iter()
@@ -256,7 +219,7 @@ fn sim_sources(kernels_dir: &Path) -> Vec<PathBuf> {
 
 fn cuda_archs() -> Vec<u32> {
     println!("cargo:rerun-if-env-changed=TLI_CUDA_ARCHS");
-    let spec = env::var("TLI_CUDA_ARCHS").unwrap_or_else(|_| "80,90".to_string());
+    let spec = env::var("TLI_CUDA_ARCHS").unwrap_or_else(|_| "80,86,89,90".to_string());
     let archs: Vec<u32> = spec
         .split(',')
         .map(|s| s.trim().trim_start_matches("sm_"))
@@ -272,68 +235,4 @@ fn cuda_archs() -> Vec<u32> {
         "TLI_CUDA_ARCHS={spec:?} names no architecture"
     );
     archs
-}
-
-fn find_nvcc() -> PathBuf {
-    for var in ["CUDA_HOME", "CUDA_PATH", "PATH"] {
-        println!("cargo:rerun-if-env-changed={var}");
-    }
-    let exe = if cfg!(windows) { "nvcc.exe" } else { "nvcc" };
-    for var in ["CUDA_HOME", "CUDA_PATH"] {
-        if let Some(home) = env::var_os(var) {
-            let p = PathBuf::from(home).join("bin").join(exe);
-            if p.is_file() {
-                return p;
-            }
-        }
-    }
-    if let Some(path) = env::var_os("PATH") {
-        for dir in env::split_paths(&path) {
-            let p = dir.join(exe);
-            if p.is_file() {
-                return p;
-            }
-        }
-    }
-    panic!(
-        "\n\nfeatures `cuda` and `candle-cuda` need nvcc, and none was found in $CUDA_HOME/bin, $CUDA_PATH/bin or $PATH.\n\
-         Install the CUDA toolkit, or nvcc alone from PyPI:\n\
-         \x20   python3 -m pip install nvidia-cuda-nvcc==13.4.92 nvidia-cuda-crt==13.4.92 \\\n\
-         \x20       nvidia-cuda-runtime==13.4.92 nvidia-nvvm==13.4.92 nvidia-cuda-cccl\n\
-         and put its `nvidia/cu13/bin` directory (inside site-packages) on PATH.\n\
-         `.ci/run` shows the whole recipe.\n"
-    );
-}
-
-fn nvcc_version(nvcc: &Path) -> String {
-    Command::new(nvcc)
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.contains("release"))
-                .map(|l| l.trim().to_string())
-        })
-        .unwrap_or_default()
-}
-
-fn compile_ptx(nvcc: &Path, kernels_dir: &Path, src: &Path, arch: u32, out: &Path) {
-    let status = Command::new(nvcc)
-        .arg("-ptx")
-        .arg(format!("-arch=sm_{arch}"))
-        .args(["-O3", "-std=c++17", "-lineinfo"])
-        .arg("-I")
-        .arg(kernels_dir)
-        .arg("-o")
-        .arg(out)
-        .arg(src)
-        .status()
-        .unwrap_or_else(|e| panic!("could not run {}: {e}", nvcc.display()));
-    assert!(
-        status.success(),
-        "nvcc failed to compile {} for sm_{arch} ({status})",
-        src.display()
-    );
 }

@@ -518,7 +518,7 @@ fn info_prints_version_features_kernels_and_cuda_status() {
     for k in tli_kernels::kernels::KERNEL_SOURCES {
         assert!(s.contains(&format!("kernels/{k}.cu")), "{s}");
     }
-    assert!(s.contains("embedded PTX: "), "{s}");
+    assert!(s.contains("embedded CUDA images: "), "{s}");
     for arch in tli_kernels::kernels::CUDA_ARCHS {
         assert!(s.contains(&format!("sm_{arch}")), "{s}");
     }

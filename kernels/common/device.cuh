@@ -11,7 +11,20 @@
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#if defined(__CUDACC_RTC__)
+// NVRTC (what build.rs compiles with) has no C library headers; these are
+// the LP64 widths <stdint.h> gives on every platform CUDA supports.
+typedef signed char int8_t;
+typedef unsigned char uint8_t;
+typedef int int32_t;
+typedef unsigned int uint32_t;
+typedef long long int64_t;
+typedef unsigned long long uint64_t;
+typedef unsigned long long uintptr_t;
+static_assert(sizeof(void*) == 8, "the kernels are built for 64-bit devices only");
+#else
 #include <stdint.h>
+#endif
 #define TLI_SIM 0
 #else
 #include "../sim/sim.h"

@@ -1,10 +1,11 @@
-//! The `cuda` backend: the PTX that `build.rs` embeds, run on a GPU through
+//! The `cuda` backend: the images that `build.rs` embeds, run on a GPU through
 //! the CUDA driver API ([`cudarc`], with the driver library loaded at run
 //! time).
 //!
 //! [`Cuda`] is one device: its primary context, one stream, and the kernel
-//! modules, each loaded (JIT-compiled by the driver from the embedded PTX)
-//! the first time one of its kernels runs. [`Cuda::global`] is device 0,
+//! modules, each loaded the first time one of its kernels runs: the cubin
+//! `build.rs` assembled for the device's architecture, or else the embedded
+//! PTX, which the driver JIT-compiles ([`Cuda::image`] says which). [`Cuda::global`] is device 0,
 //! probed once per process.
 //!
 //! A machine without the driver library, or without a device, gets
@@ -34,7 +35,7 @@ use half::{bf16, f16};
 
 pub use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 
-use crate::kernels::{self, PtxModule};
+use crate::kernels::{self, CudaImage, ImageKind};
 use crate::lora::kernel::{
     AUX_THREADS, Family, ForwardVariant, GEMV_ROWS_PER_BLOCK, GEMV_THREADS, LoraParams,
     TILE_THREADS, WeightKind, entry_name,
@@ -43,8 +44,9 @@ use crate::lora::{BackwardArgs, BaseWeight, Dropout, ForwardArgs, Grads, LinearD
 use crate::nf4::{self, Nf4View, ScalesView};
 use crate::{DType, Element, Error, Result};
 
-/// Threads per block of every launch (the kernels' `__launch_bounds__`).
-const BLOCK_THREADS: u32 = 256;
+/// Threads per block of every nf4_dequant and cosine launch (the kernels'
+/// `__launch_bounds__`).
+const BLOCK_THREADS: u32 = kernels::BLOCK_THREADS;
 /// Elements one dequantization thread handles per grid-stride step (the
 /// kernel's `kChunk`: one 16-byte load of packed codes).
 const DEQUANT_CHUNK: usize = 32;
@@ -116,7 +118,7 @@ impl Cuda {
     /// # Errors
     /// As [`Cuda::new`]: [`Error::NoCudaDevice`] when the driver library is
     /// missing, reports no device, or the device is older than every embedded
-    /// PTX architecture; [`Error::Driver`] when a driver call fails.
+    /// image's architecture; [`Error::Driver`] when a driver call fails.
     pub fn global() -> Result<&'static Cuda> {
         static GLOBAL: OnceLock<Result<Cuda>> = OnceLock::new();
         match GLOBAL.get_or_init(|| Cuda::new(0)) {
@@ -131,7 +133,7 @@ impl Cuda {
     /// [`Error::NoCudaDevice`] when the driver library cannot be loaded, the
     /// driver reports no device or fewer than `ordinal + 1`, the library lacks
     /// a function cudarc needs, or the device's compute capability is below
-    /// every architecture this build embeds PTX for; [`Error::Driver`] naming
+    /// every architecture this build embeds an image for; [`Error::Driver`] naming
     /// the call when a driver call fails.
     pub fn new(ordinal: usize) -> Result<Cuda> {
         if !driver_library_present() {
@@ -199,11 +201,11 @@ impl Cuda {
             .map_err(|e| driver_error("cuDriverGetVersion", e))?;
 
         let arch = cc.0 * 10 + cc.1;
-        if !kernels::PTX_MODULES.iter().any(|m| m.arch <= arch) {
+        if !kernels::CUDA_IMAGES.iter().any(|m| m.arch <= arch) {
             return Err(Error::NoCudaDevice {
                 reason: format!(
                     "device {ordinal} ({name}) has compute capability {}.{}, below every architecture this \
-                     build embeds PTX for ({}); rebuild with TLI_CUDA_ARCHS={arch}",
+                     build embeds an image for ({}); rebuild with TLI_CUDA_ARCHS={arch}",
                     cc.0,
                     cc.1,
                     arch_list()
@@ -566,6 +568,13 @@ impl Cuda {
         Ok(f)
     }
 
+    /// The embedded image of kernel file `name` (`kernels/NAME.cu`) this
+    /// device loads: SASS for its architecture when the build has it, else
+    /// PTX for the driver to JIT (see [`kernels::image_for`]).
+    pub fn image(&self, name: &str) -> Option<&'static CudaImage> {
+        kernels::image_for(name, self.cc.0, self.cc.1)
+    }
+
     fn module(&self, name: &'static str) -> Result<Arc<CudaModule>> {
         // Held across the load so two threads never JIT the same module.
         let mut modules = lock(&self.modules);
@@ -573,44 +582,53 @@ impl Cuda {
             return Ok(m.clone());
         }
         let (major, minor) = self.cc;
-        let ptx = kernels::ptx_for(name, major, minor).ok_or_else(|| Error::NoCudaDevice {
+        let image = self.image(name).ok_or_else(|| Error::NoCudaDevice {
             reason: format!(
-                "no embedded PTX of kernel {name:?} runs on device {} ({}, compute capability {major}.{minor}); \
+                "no embedded image of kernel {name:?} runs on device {} ({}, compute capability {major}.{minor}); \
                  this build has it for {}",
                 self.ordinal,
                 self.name,
                 archs_of(name)
             ),
         })?;
-        if ptx.ptx.contains('\0') {
-            return Err(Error::Driver {
-                call: format!("cuModuleLoadData ({name}, sm_{})", ptx.arch),
-                message: "the embedded PTX contains a NUL byte".into(),
-            });
-        }
+        let loadable = match image.kind {
+            ImageKind::Sass => Ptx::from_binary(image.bytes.to_vec()),
+            ImageKind::Ptx => match image.ptx() {
+                Some(text) if !text.contains('\0') => Ptx::from_src(text),
+                _ => {
+                    return Err(Error::Driver {
+                        call: format!("cuModuleLoadData ({name}, {})", image.describe()),
+                        message: "the embedded PTX is not NUL-free UTF-8 text".into(),
+                    });
+                }
+            },
+        };
         let m = self
             .ctx
-            .load_module(Ptx::from_src(ptx.ptx))
-            .map_err(|e| self.module_load_error(ptx, e))?;
+            .load_module(loadable)
+            .map_err(|e| self.module_load_error(image, e))?;
         modules.insert(name, m.clone());
         Ok(m)
     }
 
-    fn module_load_error(&self, ptx: &PtxModule, e: DriverError) -> Error {
-        let call = format!("cuModuleLoadData ({}, sm_{})", ptx.name, ptx.arch);
+    fn module_load_error(&self, image: &CudaImage, e: DriverError) -> Error {
+        let call = format!("cuModuleLoadData ({}, {})", image.name, image.describe());
         let mut message = describe(e);
-        if e.0 == sys::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION {
-            let isa = ptx
-                .ptx
-                .lines()
-                .find_map(|l| l.trim().strip_prefix(".version "))
-                .unwrap_or("?");
-            let (major, minor) = self.driver_version();
-            message.push_str(&format!(
-                "; the PTX is ISA {isa} from {}, newer than this driver (CUDA {major}.{minor}) can compile: \
-                 update the NVIDIA driver, or build with the nvcc of a CUDA release the driver supports",
-                if kernels::NVCC_VERSION.is_empty() { "nvcc" } else { kernels::NVCC_VERSION }
-            ));
+        use sys::CUresult as R;
+        let refused = matches!(
+            (image.kind, e.0),
+            (ImageKind::Ptx, R::CUDA_ERROR_UNSUPPORTED_PTX_VERSION)
+                | (
+                    ImageKind::Sass,
+                    R::CUDA_ERROR_INVALID_IMAGE
+                        | R::CUDA_ERROR_NO_BINARY_FOR_GPU
+                        | R::CUDA_ERROR_INVALID_SOURCE
+                        | R::CUDA_ERROR_UNSUPPORTED_PTX_VERSION
+                )
+        );
+        if refused {
+            message.push_str("; ");
+            message.push_str(&kernels::load_failure_hint(image, self.driver_version()));
         }
         Error::Driver { call, message }
     }
@@ -823,10 +841,10 @@ fn arch_list() -> String {
 }
 
 fn archs_of(name: &str) -> String {
-    let v: Vec<String> = kernels::PTX_MODULES
+    let v: Vec<String> = kernels::CUDA_IMAGES
         .iter()
         .filter(|m| m.name == name)
-        .map(|m| format!("sm_{}", m.arch))
+        .map(|m| m.describe())
         .collect();
     if v.is_empty() {
         "no architecture".into()

@@ -314,28 +314,66 @@ fn info() -> Result<()> {
         yes_no(cfg!(tli_cuda))
     );
     println!("kernel sources: {}", kernel_list(kernels::KERNEL_SOURCES));
-    if kernels::CUDA_ARCHS.is_empty() {
-        println!("embedded PTX: none (built without the `cuda` feature)");
+    if kernels::CUDA_IMAGES.is_empty() {
+        println!("embedded CUDA images: none (built without the `cuda` feature)");
     } else {
         let archs: Vec<String> = kernels::CUDA_ARCHS
             .iter()
             .map(|a| format!("sm_{a}"))
             .collect();
+        let ptx_isa = kernels::CUDA_IMAGES
+            .iter()
+            .filter_map(|m| m.ptx_isa())
+            .max()
+            .map_or("?".to_string(), |(a, b)| format!("{a}.{b}"));
         println!(
-            "embedded PTX: {} ({} modules, nvcc {})",
+            "embedded CUDA images: SASS for {} (ptxas {}), PTX {ptx_isa} for sm_{} (NVRTC {}); {} images",
             archs.join(", "),
-            kernels::PTX_MODULES.len(),
-            kernels::NVCC_VERSION
+            kernels::PTXAS_VERSION,
+            kernels::PTX_ARCH,
+            kernels::NVRTC_VERSION,
+            kernels::CUDA_IMAGES.len()
         );
     }
     for device in [Device::Cpu, Device::Sim, Device::Cuda] {
         match device.check_available() {
-            Ok(()) => println!("device {device}: available"),
+            Ok(()) => {
+                println!("device {device}: available");
+                if device == Device::Cuda {
+                    cuda_images_info();
+                }
+            }
             Err(e) => println!("device {device}: not available: {e}"),
         }
     }
     Ok(())
 }
+
+/// The driver's CUDA version and the image each kernel file loads on
+/// device 0.
+#[cfg(tli_cuda)]
+fn cuda_images_info() {
+    match tli_kernels::backend::cuda::Cuda::global() {
+        Ok(cuda) => {
+            let (major, minor) = cuda.driver_version();
+            let (cc_major, cc_minor) = cuda.compute_capability();
+            println!(
+                "cuda device 0: {} (compute capability {cc_major}.{cc_minor}), driver for CUDA {major}.{minor}",
+                cuda.name()
+            );
+            for name in kernels::KERNEL_SOURCES {
+                match cuda.image(name) {
+                    Some(m) => println!("  kernels/{name}.cu: loads {}", m.describe()),
+                    None => println!("  kernels/{name}.cu: no embedded image runs on this device"),
+                }
+            }
+        }
+        Err(e) => println!("cuda device 0: {e}"),
+    }
+}
+
+#[cfg(not(tli_cuda))]
+fn cuda_images_info() {}
 
 fn kernel_list(names: &[&str]) -> String {
     if names.is_empty() {

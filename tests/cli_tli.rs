@@ -691,3 +691,51 @@ fn train_settings_are_checked_before_anything_runs() {
         "{err}"
     );
 }
+
+/// Words that cannot be pooled are errors naming the line, found before any
+/// model work: a word of special tokens only, and a runaway "word" longer
+/// than the token limit (which `--max-word-tokens` raises).
+#[test]
+fn unpoolable_words_are_named_by_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = d.join("model");
+    synthetic::write_dir(&model, 4).unwrap();
+    let bos = synthetic::tokenizer().unwrap();
+    let bos_text = bos.inner().id_to_token(bos.bos_id.unwrap()).unwrap();
+    let special = d.join("special.tsv");
+    std::fs::write(&special, format!("maji\twater\n{bos_text}\tfire\n")).unwrap();
+    for verb in ["scan", "train"] {
+        let mut args = vec![verb, "--model", s(&model), "--pairs", s(&special)];
+        if verb == "train" {
+            args.extend(["--out", s(d)]);
+        }
+        let e = failed(&tli(&args));
+        assert!(
+            e.contains(":2:") && e.contains("only of special tokens"),
+            "{verb}: {e}"
+        );
+    }
+    let long = d.join("long.tsv");
+    std::fs::write(&long, format!("maji\twater\n{}\tfire\n", "ab".repeat(5000))).unwrap();
+    let start = std::time::Instant::now();
+    let e = failed(&tli(&["scan", "--model", s(&model), "--pairs", s(&long)]));
+    assert!(
+        e.contains("10000 characters") && e.contains("more than the 128"),
+        "{e}"
+    );
+    assert!(e.contains("--max-word-tokens"), "{e}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(120));
+    // Raised far enough, the same file scans.
+    ok(&tli(&[
+        "scan",
+        "--model",
+        s(&model),
+        "--pairs",
+        s(&long),
+        "--layers",
+        "1",
+        "--max-word-tokens",
+        "20000",
+    ]));
+}

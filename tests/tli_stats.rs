@@ -168,3 +168,45 @@ fn set_report_counts_ties_as_neither_and_writes_null_for_undefined_statistics() 
     assert_eq!(json["pairs"][0][1], "water");
     assert!(SetReport::new(&pairs, vec![0.1], vec![0.2]).is_err());
 }
+
+/// Rounding noise is no change: before and after equal up to a few f32
+/// ulps give no improved or worsened pair, no t statistic, and no verdict
+/// of a gain (the eval case that reported t = 1.00, p = 0.5, "improved 1"
+/// and "gain is specific: +6.0e-8").
+#[test]
+fn changes_within_f32_rounding_are_ties() {
+    use tli_kernels::pairs::Pair;
+    use tli_kernels::tli::eval::SetReport;
+    use tli_kernels::tli::specificity::{specificity, verdict};
+    use tli_kernels::tli::stats::{COSINE_TIE, cosine_change};
+    let pairs: Vec<Pair> = (0..3)
+        .map(|i| Pair {
+            swahili: format!("s{i}"),
+            english: format!("e{i}"),
+            line: i + 1,
+        })
+        .collect();
+    let before = vec![0.5f32, 0.6, 0.7];
+    // One pair moved by one ulp (6e-8), the rest unchanged.
+    let after = vec![f32::from_bits(0.5f32.to_bits() + 1), 0.6, 0.7];
+    let r = SetReport::new(&pairs, before.clone(), after.clone()).unwrap();
+    assert_eq!((r.improved, r.worsened), (0, 0));
+    assert!(r.t.is_nan() && r.p.is_nan(), "t {} p {}", r.t, r.p);
+    // A real change still counts.
+    let moved = vec![0.5f32 + 1e-3, 0.6, 0.7];
+    let r = SetReport::new(&pairs, before.clone(), moved).unwrap();
+    assert_eq!((r.improved, r.worsened), (1, 0));
+    assert_eq!(cosine_change(0.5, 0.5 + COSINE_TIE / 2.0), 0.0);
+    assert_eq!(cosine_change(0.5, 0.5 + 2.0 * COSINE_TIE), 0.5 + 2.0 * COSINE_TIE - 0.5);
+    // The verdict: a 6e-8 gain with a 6e-8 margin growth is no gain.
+    let m0 = [0.5f32, 0.1, 0.1, 0.5];
+    let m1 = [0.50000006f32, 0.1, 0.1, 0.5];
+    let v = verdict(
+        0.5,
+        0.5 + 6e-8,
+        &specificity(&m0, 2).unwrap(),
+        &specificity(&m1, 2).unwrap(),
+    );
+    assert_eq!(v.specific, None, "{}", v.text);
+    assert!(v.text.starts_with("no gain to judge"), "{}", v.text);
+}

@@ -44,7 +44,15 @@ pub struct LlamaTokenizer {
     /// encoding does not already start with it.
     prepend: Option<u32>,
     bos: BosOutcome,
+    /// The most tokens one text may encode to ([`Self::with_max_tokens`]).
+    max_tokens: usize,
 }
+
+/// The default most tokens a text (a word or short phrase) may encode to:
+/// far above any word (the shipped lists top out near 10 tokens) and far
+/// below any context length, so a runaway line (a 10,000-character "word")
+/// is an error before a batch is padded to its length.
+pub const DEFAULT_MAX_WORD_TOKENS: usize = 128;
 
 /// Whether a BOS token is prepended to each encoded text, on top of what
 /// the tokenizer's post-processor adds.
@@ -381,6 +389,7 @@ impl LlamaTokenizer {
                 word_at_position_0: false,
                 note: None,
             },
+            max_tokens: DEFAULT_MAX_WORD_TOKENS,
         };
         tok.with_bos(BosMode::Auto)
     }
@@ -468,6 +477,20 @@ impl LlamaTokenizer {
         &self.bos
     }
 
+    /// The same tokenizer with at most `n` tokens per text
+    /// ([`DEFAULT_MAX_WORD_TOKENS`] unless set): [`Self::encode_batch`]
+    /// refuses a longer text, naming it, before anything is padded to its
+    /// length.
+    pub fn with_max_tokens(mut self, n: usize) -> Self {
+        self.max_tokens = n.max(1);
+        self
+    }
+
+    /// The most tokens one text may encode to.
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
     /// The wrapped `tokenizers` tokenizer.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
@@ -540,6 +563,20 @@ impl LlamaTokenizer {
             special.push(true);
         }
         ids.extend_from_slice(enc.get_ids());
+        if ids.len() > self.max_tokens {
+            let preview: String = text.chars().take(40).collect();
+            return Err(Error::invalid(
+                "encode",
+                format!(
+                    "text {i} ({preview:?}{}, {} characters) is {} tokens, more than the {} \
+                     a word may have (--max-word-tokens raises the limit)",
+                    if text.chars().count() > 40 { "…" } else { "" },
+                    text.chars().count(),
+                    ids.len(),
+                    self.max_tokens
+                ),
+            ));
+        }
         special.extend(
             enc.get_ids()
                 .iter()

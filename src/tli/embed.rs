@@ -27,7 +27,7 @@ use serde::{Serialize, Serializer};
 use super::specificity::Specificity;
 use crate::cosine::{Hidden, PairOptions};
 use crate::model::{BosMode, ForwardOptions, LlamaConfig, LlamaTokenizer, LoadOptions};
-use crate::model::{Llama, candle_device};
+use crate::model::{EncodedBatch, Llama, candle_device};
 use crate::nf4::quantize::QuantizeOptions;
 use crate::pairs::Pair;
 use crate::{Device, Error, Result};
@@ -234,6 +234,7 @@ fn run(
             .chain(chunk.iter().map(|p| p.english.as_str()))
             .collect();
         let enc = tok.encode_batch(&texts)?;
+        check_words_have_tokens(&enc, chunk)?;
         let (ids, mask) = enc.tensors(&model.device)?;
         let states = model.hidden_states(
             &ids,
@@ -289,6 +290,51 @@ fn run(
     Ok(out)
 }
 
+/// Encode every pair once, checking each word against the tokenizer's
+/// token limit and [`check_words_have_tokens`]: what [`pair_cosines`] and
+/// training would find only when they reach the word, found before any
+/// model work.
+///
+/// # Errors
+/// As [`LlamaTokenizer::encode_batch`] and [`check_words_have_tokens`].
+pub fn check_pairs(tok: &LlamaTokenizer, pairs: &[Pair]) -> Result<()> {
+    for chunk in pairs.chunks(CHUNK_PAIRS) {
+        let texts: Vec<&str> = chunk
+            .iter()
+            .map(|p| p.swahili.as_str())
+            .chain(chunk.iter().map(|p| p.english.as_str()))
+            .collect();
+        check_words_have_tokens(&tok.encode_batch(&texts)?, chunk)?;
+    }
+    Ok(())
+}
+
+/// Every word of `chunk` (its Swahili words, then its English ones, as
+/// `enc` holds them) has a token that is not special: a word made only of
+/// special tokens (`<|begin_of_text|>`, say) has nothing to pool as a word,
+/// and would otherwise enter the means and tests as a silent cosine of 0.
+pub fn check_words_have_tokens(enc: &EncodedBatch, chunk: &[Pair]) -> Result<()> {
+    let c = chunk.len();
+    for (r, special) in enc.special_mask.iter().enumerate() {
+        if special[..enc.lengths[r]].iter().all(|&s| s) {
+            let (pair, side, word) = if r < c {
+                (&chunk[r], "Swahili", &chunk[r].swahili)
+            } else {
+                (&chunk[r - c], "English", &chunk[r - c].english)
+            };
+            return Err(Error::Pairs {
+                source_name: "word pairs".into(),
+                line: pair.line,
+                reason: format!(
+                    "the {side} word {word:?} is made only of special tokens: it has nothing \
+                     to pool as a word; remove the line"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Every real (attended) token's hidden state in `h` (`[texts, s, d]`) is
 /// finite, or an error naming the hidden-state index, the text and the
 /// token: a NaN or an infinity in a state would otherwise turn into a NaN
@@ -334,6 +380,9 @@ pub struct ModelOptions {
     pub cuda: bool,
     /// Whether a BOS is prepended to each word (see [`BosMode`]).
     pub bos: BosMode,
+    /// The most tokens a word may encode to
+    /// ([`LlamaTokenizer::with_max_tokens`]).
+    pub max_word_tokens: usize,
 }
 
 impl Default for ModelOptions {
@@ -343,6 +392,7 @@ impl Default for ModelOptions {
             quantize: false,
             cuda: false,
             bos: BosMode::Auto,
+            max_word_tokens: crate::model::tokenizer::DEFAULT_MAX_WORD_TOKENS,
         }
     }
 }
@@ -379,7 +429,11 @@ pub fn load_model(
                 num_layers,
             },
         )?;
-        return Ok((model, tok.with_bos(opts.bos)?));
+        return Ok((
+            model,
+            tok.with_bos(opts.bos)?
+                .with_max_tokens(opts.max_word_tokens),
+        ));
     }
     let config = LlamaConfig::from_file(dir.join("config.json"))?;
     let tok = LlamaTokenizer::from_dir(dir, Some(&config))?;
@@ -393,7 +447,11 @@ pub fn load_model(
             num_layers,
         },
     )?;
-    Ok((model, tok.with_bos(opts.bos)?))
+    Ok((
+        model,
+        tok.with_bos(opts.bos)?
+            .with_max_tokens(opts.max_word_tokens),
+    ))
 }
 
 /// The number of blocks that must be loaded to apply the adapter in

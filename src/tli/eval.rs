@@ -28,8 +28,10 @@
 //! tokenizer's [`BosOutcome`] (what its BOS mode came to). `change` is
 //! `after_mean − before_mean`, `change_pct` is `100 · change / before_mean`.
 //! `t`, `df`, `p` are the paired t-test of [`super::stats::paired_t_test`]
-//! (`null` where undefined). A pair *improved* when its cosine after is
-//! strictly greater than before, *worsened* when strictly smaller.
+//! (`null` where undefined), taken with ties as no change. A pair
+//! *improved* when its cosine after exceeds the one before by more than
+//! [`super::stats::COSINE_TIE`] (1e-6, f32 rounding of a cosine), *worsened*
+//! when it falls by more; the rest are ties.
 //!
 //! The specificity fields describe the set's cosine matrix `C[i][j] =
 //! cos(swahili_i, english_j)` before and after (definitions in
@@ -116,7 +118,16 @@ impl SetReport {
         }
         let b: Vec<f64> = before.iter().map(|&v| f64::from(v)).collect();
         let a: Vec<f64> = after.iter().map(|&v| f64::from(v)).collect();
-        let test = paired_t_test(&b, &a)?;
+        // Changes within f32 rounding are ties (stats::COSINE_TIE): they
+        // enter the t-test as no change and count as neither improved nor
+        // worsened.
+        let changes: Vec<f64> = b
+            .iter()
+            .zip(&a)
+            .map(|(&x, &y)| super::stats::cosine_change(x, y))
+            .collect();
+        let tied: Vec<f64> = b.iter().zip(&changes).map(|(x, d)| x + d).collect();
+        let test = paired_t_test(&b, &tied)?;
         let (before_mean, after_mean) = (mean(&b), mean(&a));
         let change = after_mean - before_mean;
         Ok(Self {
@@ -130,8 +141,8 @@ impl SetReport {
             t: test.t,
             df: test.df,
             p: test.p,
-            improved: a.iter().zip(&b).filter(|(x, y)| x > y).count(),
-            worsened: a.iter().zip(&b).filter(|(x, y)| x < y).count(),
+            improved: changes.iter().filter(|&&d| d > 0.0).count(),
+            worsened: changes.iter().filter(|&&d| d < 0.0).count(),
             specificity: None,
             before,
             after,

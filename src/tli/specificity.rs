@@ -54,15 +54,18 @@
 //! the mean per-pair cosine (`after_mean − before_mean` of the evaluation)
 //! and `Δmargin = margin_after − margin_before`:
 //!
-//! * **not specific** ⇔ `gain > 0` and `Δmargin ≤ 0`: pair cosines rose,
-//!   but non-matching cosines rose at least as much;
-//! * **specific** ⇔ `gain > 0` and `Δmargin > 0`;
-//! * no judgement (`specific` is `None`, JSON `null`) when `gain ≤ 0`
+//! * **not specific** ⇔ `gain > tie` and `Δmargin ≤ tie`: pair cosines
+//!   rose, but non-matching cosines rose at least as much;
+//! * **specific** ⇔ `gain > tie` and `Δmargin > tie`;
+//! * no judgement (`specific` is `None`, JSON `null`) when `gain ≤ tie`
 //!   (nothing to explain) or when `gain` or `Δmargin` is NaN (`N = 1`).
 //!
-//! The rule has no noise threshold: a margin that grew by 1e-6 counts as
-//! specific. The text prints the numbers so the size of each change can be
-//! judged, and the retrieval numbers sit beside it.
+//! Changes within f32 rounding are no changes: `gain` and `Δmargin` must
+//! exceed [`COSINE_TIE`](super::stats::COSINE_TIE) (1e-6) to count as
+//! positive, so rounding noise between two runs of the same model is "no
+//! gain to judge", never "specific". The text prints the numbers so the
+//! size of each change can be judged, and the retrieval numbers sit beside
+//! it.
 
 use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
@@ -259,7 +262,8 @@ pub fn verdict(
             ),
         };
     }
-    if gain <= 0.0 {
+    let tie = super::stats::COSINE_TIE;
+    if gain <= tie {
         return Verdict {
             specific: None,
             text: format!(
@@ -267,7 +271,7 @@ pub fn verdict(
             ),
         };
     }
-    if dm > 0.0 {
+    if dm > tie {
         Verdict {
             specific: Some(true),
             text: format!(
@@ -276,7 +280,7 @@ pub fn verdict(
             ),
         }
     } else {
-        let how = if dm < 0.0 {
+        let how = if dm < -tie {
             format!("fell by {m}")
         } else {
             format!("did not grow ({m})")

@@ -75,6 +75,20 @@ pub struct PairedTTest {
     pub p: f64,
 }
 
+/// Two cosines closer than this are equal: they are f32 dot products of
+/// unit vectors, and the same word run twice through differently batched
+/// or blocked computations differs by a few ulps of a value near 1 (an ulp
+/// of 1.0 in f32 is 1.19e-7; eight of them are 9.5e-7). Differences within
+/// it are ties: they count neither as improved nor as worsened, enter the
+/// t-test as 0, and no verdict calls a gain below it a gain.
+pub const COSINE_TIE: f64 = 1e-6;
+
+/// `after − before`, with differences within [`COSINE_TIE`] set to 0.
+pub fn cosine_change(before: f64, after: f64) -> f64 {
+    let d = after - before;
+    if d.abs() <= COSINE_TIE { 0.0 } else { d }
+}
+
 /// Paired t-test of `after` against `before` (scipy's `ttest_rel`).
 ///
 /// # Errors

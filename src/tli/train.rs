@@ -455,6 +455,7 @@ pub fn train(
         return Err(Error::invalid(OP, "no training pairs"));
     }
     total_steps(pairs.len(), opts)?;
+    super::embed::check_pairs(tok, pairs)?;
     let cfg = match &opts.init_adapter {
         Some(dir) => {
             check_options(model, opts)?;

@@ -88,6 +88,10 @@ pub struct ModelArgs {
     /// the run's].
     #[arg(long, value_enum)]
     bos: Option<BosMode>,
+    /// The most tokens one word may encode to; a longer line is an error
+    /// naming it, before any model work.
+    #[arg(long, value_name = "N", default_value_t = tli_kernels::model::tokenizer::DEFAULT_MAX_WORD_TOKENS)]
+    max_word_tokens: usize,
 }
 
 impl ModelArgs {
@@ -100,6 +104,7 @@ impl ModelArgs {
             quantize: self.quantize.is_some(),
             cuda: self.device == RunDevice::Cuda,
             bos: self.bos.unwrap_or_default(),
+            max_word_tokens: self.max_word_tokens,
         }
     }
 

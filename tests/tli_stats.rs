@@ -197,7 +197,10 @@ fn changes_within_f32_rounding_are_ties() {
     let r = SetReport::new(&pairs, before.clone(), moved).unwrap();
     assert_eq!((r.improved, r.worsened), (1, 0));
     assert_eq!(cosine_change(0.5, 0.5 + COSINE_TIE / 2.0), 0.0);
-    assert_eq!(cosine_change(0.5, 0.5 + 2.0 * COSINE_TIE), 0.5 + 2.0 * COSINE_TIE - 0.5);
+    assert_eq!(
+        cosine_change(0.5, 0.5 + 2.0 * COSINE_TIE),
+        0.5 + 2.0 * COSINE_TIE - 0.5
+    );
     // The verdict: a 6e-8 gain with a 6e-8 margin growth is no gain.
     let m0 = [0.5f32, 0.1, 0.1, 0.5];
     let m1 = [0.50000006f32, 0.1, 0.1, 0.5];

@@ -419,34 +419,20 @@ pub fn load_model(
     let resolved = crate::model::resolve_model_path(dir)?;
     let dir = resolved.path.as_path();
     let device = candle_device(opts.cuda.then_some(0))?;
-    if crate::model::gguf::is_gguf(dir) {
-        let (model, tok) = crate::model::gguf::load(
-            dir,
-            &LoadOptions {
-                dtype: opts.dtype,
-                device,
-                quantize: opts.quantize.then(QuantizeOptions::default),
-                num_layers,
-            },
-        )?;
-        return Ok((
-            model,
-            tok.with_bos(opts.bos)?
-                .with_max_tokens(opts.max_word_tokens),
-        ));
-    }
-    let config = LlamaConfig::from_file(dir.join("config.json"))?;
-    let tok = LlamaTokenizer::from_dir(dir, Some(&config))?;
-    let num_layers = num_layers.map(|n| n.min(config.num_hidden_layers));
-    let model = Llama::load(
-        dir,
-        &LoadOptions {
-            dtype: opts.dtype,
-            device,
-            quantize: opts.quantize.then(QuantizeOptions::default),
-            num_layers,
-        },
-    )?;
+    let load = |num_layers| LoadOptions {
+        dtype: opts.dtype,
+        device: device.clone(),
+        quantize: opts.quantize.then(QuantizeOptions::default),
+        num_layers,
+    };
+    let (model, tok) = if crate::model::gguf::is_gguf(dir) {
+        crate::model::gguf::load(dir, &load(num_layers))?
+    } else {
+        let config = LlamaConfig::from_file(dir.join("config.json"))?;
+        let tok = LlamaTokenizer::from_dir(dir, Some(&config))?;
+        let num_layers = num_layers.map(|n| n.min(config.num_hidden_layers));
+        (Llama::load(dir, &load(num_layers))?, tok)
+    };
     Ok((
         model,
         tok.with_bos(opts.bos)?

@@ -2,7 +2,10 @@
 //! (candle's GGUF writer, q/k rows permuted as `convert_hf_to_gguf.py` does)
 //! and read back; quantized tensors against bounds derived from their
 //! formats; refusals; a hand-built SentencePiece vocabulary; and the real
-//! SmolLM2 GGUF when `TLI_SMOLLM2_GGUF` names it.
+//! SmolLM2 GGUF when it is there (`TLI_SMOLLM2_GGUF`, or the cache
+//! `scripts/fetch-smollm2` fills).
+
+mod common;
 
 use std::path::{Path, PathBuf};
 
@@ -771,17 +774,9 @@ fn sentencepiece_vocabulary_tokenizes_as_transformers_builds_it() {
 /// The real SmolLM2-135M-Instruct GGUF (Q4_1 projections, Q8_0 embedding).
 #[test]
 fn smollm2_gguf_when_present() {
-    let Some(path) = std::env::var_os("TLI_SMOLLM2_GGUF").map(PathBuf::from) else {
-        eprintln!("skipping: TLI_SMOLLM2_GGUF is not set (the SmolLM2-135M-Instruct GGUF)");
+    let Some(path) = common::smollm2_gguf("smollm2_gguf_when_present") else {
         return;
     };
-    if !path.is_file() {
-        eprintln!(
-            "skipping: TLI_SMOLLM2_GGUF={} is not a file",
-            path.display()
-        );
-        return;
-    }
     let g = GgufFile::open(&path).unwrap();
     let cfg = g.config().unwrap();
     assert_eq!(

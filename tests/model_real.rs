@@ -311,3 +311,52 @@ fn cli_scan_train_resume_eval_on_the_real_model() {
     let ev: Value = serde_json::from_str(&std::fs::read_to_string(&ev).unwrap()).unwrap();
     assert!(ev.to_string().contains("margin"), "{ev}");
 }
+
+/// The GGUF and the same weights written by this crate as a transformers
+/// checkpoint directory (f32 safetensors, config.json, tokenizer.json) give
+/// the same token ids and bit-identical hidden states.
+#[test]
+fn gguf_and_its_safetensors_directory_agree_bit_for_bit() {
+    let Some(path) = common::smollm2_gguf("gguf_and_its_safetensors_directory") else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    gguf::GgufFile::open(&path)
+        .unwrap()
+        .write_checkpoint_dir(d.path())
+        .unwrap();
+    let opts = LoadOptions {
+        num_layers: Some(4),
+        ..LoadOptions::default()
+    };
+    let (from_gguf, tok_g) = gguf::load(&path, &opts).unwrap();
+    let config = tli_kernels::model::LlamaConfig::from_file(d.path().join("config.json")).unwrap();
+    let from_dir = tli_kernels::model::Llama::load(d.path(), &opts).unwrap();
+    let tok_d = tli_kernels::model::LlamaTokenizer::from_dir(d.path(), Some(&config)).unwrap();
+    let texts = ["maji", "water", "ng'ombe mkubwa", "Hello, world! 1234"];
+    let (eg, ed) = (
+        tok_g.encode_batch(&texts).unwrap(),
+        tok_d.encode_batch(&texts).unwrap(),
+    );
+    assert_eq!(eg.ids, ed.ids);
+    let (ids, mask) = eg.tensors(&CDevice::Cpu).unwrap();
+    let fo = ForwardOptions {
+        up_to: Some(4),
+        train_seed: None,
+    };
+    let (a, b) = (
+        from_gguf.hidden_states(&ids, &mask, &fo).unwrap(),
+        from_dir.hidden_states(&ids, &mask, &fo).unwrap(),
+    );
+    assert_eq!(a.len(), 5);
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        let (x, y): (Vec<f32>, Vec<f32>) = (
+            x.flatten_all().unwrap().to_vec1().unwrap(),
+            y.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        assert!(
+            x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "hidden state {i} differs"
+        );
+    }
+}

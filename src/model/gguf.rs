@@ -548,6 +548,16 @@ impl GgufFile {
     /// width than key heads, or per-frequency rope factors
     /// (`rope_freqs.weight`).
     pub fn config(&self) -> Result<LlamaConfig> {
+        let label = PathBuf::from(format!("{} (llama.* metadata)", self.path.display()));
+        LlamaConfig::from_json_str(&self.config_json()?.to_string(), &label)
+    }
+
+    /// The `config.json` transformers derives from the `llama.*` metadata,
+    /// which [`Self::config`] parses.
+    ///
+    /// # Errors
+    /// As [`Self::config`].
+    pub fn config_json(&self) -> Result<serde_json::Value> {
         let arch = self
             .str_meta("general.architecture")?
             .ok_or_else(|| self.err("metadata general.architecture is missing"))?;
@@ -652,8 +662,60 @@ impl GgufFile {
                 obj.insert(json.into(), id.into());
             }
         }
+        // Checked here too, so that a config.json written from it loads.
         let label = PathBuf::from(format!("{} (llama.* metadata)", self.path.display()));
-        LlamaConfig::from_json_str(&cfg.to_string(), &label)
+        LlamaConfig::from_json_str(&cfg.to_string(), &label)?;
+        Ok(cfg)
+    }
+
+    /// Write the model as a transformers-style checkpoint directory:
+    /// `config.json` ([`Self::config_json`]), `model.safetensors` (every
+    /// tensor dequantized to f32 under transformers' names, the rotary
+    /// permutation undone; see [`Self::checkpoint`]) and `tokenizer.json`
+    /// ([`Self::tokenizer`]). Each file is written atomically.
+    ///
+    /// # Errors
+    /// As [`Self::config_json`], [`Self::checkpoint`] and
+    /// [`Self::tokenizer`]; [`Error::Io`] naming the file that could not be
+    /// written.
+    pub fn write_checkpoint_dir(&self, dir: &Path) -> Result<()> {
+        let cfg = self.config_json()?;
+        let config = self.config()?;
+        let ckpt = self.checkpoint(&config, None, Dtype::F32)?;
+        let t = ckpt.tensors()?;
+        let mut tensors = Vec::new();
+        for name in t.names() {
+            let (dtype, shape, bytes) = t.raw(name)?;
+            tensors.push((
+                name.to_string(),
+                TensorBuf {
+                    dtype,
+                    shape,
+                    data: bytes.to_vec(),
+                },
+            ));
+        }
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        let weights = safetensors_bytes(&tensors)?;
+        let tokenizer = self
+            .tokenizer()?
+            .inner()
+            .to_string(true)
+            .map_err(|e| self.err(format!("serialising the tokenizer: {e}")))?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let config_text = serde_json::to_string_pretty(&cfg)
+            .map_err(|e| self.err(format!("serialising the config: {e}")))?;
+        for (name, bytes) in [
+            ("config.json", config_text.as_bytes()),
+            ("model.safetensors", &weights[..]),
+            ("tokenizer.json", tokenizer.as_bytes()),
+        ] {
+            let path = dir.join(name);
+            crate::io::write_atomic(&path, |w| {
+                w.write_all(bytes).map_err(|e| Error::io(&path, e))
+            })?;
+        }
+        Ok(())
     }
 
     /// The tokenizer from `tokenizer.ggml.*`, built as transformers'
